@@ -1,0 +1,1 @@
+"""Adapters: the only modules that import SDKs (requests, boto3, pymysql)."""

@@ -1,0 +1,188 @@
+"""Pure values of cxrd: no I/O, stdlib only (STYLE.md §2)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from cxr_daemon.errors import InvalidUidError
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LEN = 64
+
+
+class StudyState(StrEnum):
+    """Queue state of a study (DESIGN "The feed and the queue")."""
+
+    WAITING = "waiting"
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class RunOutcome(StrEnum):
+    """Outcome of one run of the pipeline over a study."""
+
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class Trigger(StrEnum):
+    """What started a run."""
+
+    FEED = "feed"
+    REPROCESS = "reprocess"
+
+
+class ChangeType(StrEnum):
+    """The Orthanc change types the feed acts on."""
+
+    STABLE_STUDY = "StableStudy"
+    NEW_STUDY = "NewStudy"
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def validate_uid(uid: str, what: str = "UID") -> str:
+    """Return ``uid`` if it is a syntactically valid DICOM UID.
+
+    Raises:
+        InvalidUidError: not digits and dots, or longer than 64 characters.
+    """
+    if len(uid) > UID_MAX_LEN:
+        raise InvalidUidError(f"{what} is {len(uid)} characters long, DICOM allows at most 64")
+    if not _UID_RE.fullmatch(uid):
+        raise InvalidUidError(f"{what} {uid!r} is not a DICOM UID (digits and dots only)")
+    return uid
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of Orthanc's ``/changes`` feed."""
+
+    seq: int
+    change_type: str
+    resource_type: str
+    orthanc_id: str
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    """One page of ``/changes``: its entries, ``Last`` and ``Done``."""
+
+    changes: tuple[Change, ...]
+    last: int
+    done: bool
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """A study as the queue knows it."""
+
+    study_uid: str
+    orthanc_id: str
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """The series-level tags the filter and the pipeline need."""
+
+    orthanc_id: str
+    series_uid: str
+    modality: str
+    body_part: str
+    instance_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """The instance-level identity of one image."""
+
+    orthanc_id: str
+    sop_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """A study as Orthanc describes it, with its series and instances."""
+
+    orthanc_id: str
+    study_uid: str
+    patient_id: str
+    series: tuple[SeriesInfo, ...]
+    instances: tuple[InstanceInfo, ...]
+    is_stable: bool = True
+
+
+@dataclass(frozen=True)
+class QueuedStudy:
+    """A claimed queue row: what a worker processes."""
+
+    study_uid: str
+    orthanc_id: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """Which studies are chest X-rays (config ``[filter]``)."""
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST",)
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """Number of studies in each state."""
+
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+def chest_xray_series(study: StudyInfo, rule: FilterRule) -> tuple[SeriesInfo, ...]:
+    """Return the series of ``study`` that the filter accepts as chest X-ray.
+
+    An empty ``BodyPartExamined`` is accepted when the modality matches:
+    many CR/DX devices leave it blank (seen in the shared real CXRs), and a
+    study is then judged by its modality alone. A present, different body
+    part (ABDOMEN, EXTREMITY) is rejected.
+    """
+    modalities = {m.upper() for m in rule.modalities}
+    parts = {p.upper() for p in rule.body_parts}
+    return tuple(
+        s
+        for s in study.series
+        if s.modality.upper() in modalities
+        and (not parts or not s.body_part.strip() or s.body_part.strip().upper() in parts)
+    )
+
+
+def skip_reason(study: StudyInfo, rule: FilterRule) -> str | None:
+    """Say why ``study`` is not a chest X-ray, or return None if it is one."""
+    if chest_xray_series(study, rule):
+        return None
+    if not study.series:
+        return "study has no series"
+    found = ", ".join(
+        sorted({f"{s.modality or '?'}/{s.body_part.strip() or '-'}" for s in study.series})
+    )
+    wanted = "/".join(rule.modalities)
+    parts = "/".join(rule.body_parts) or "any"
+    return f"not a chest X-ray: series are {found} (modality/body part); wanted {wanted} of {parts}"
+
+
+def instance_set_hash(sop_uids: list[str] | tuple[str, ...]) -> str:
+    """Hash of the sorted SOPInstanceUIDs: equal sets mean nothing new arrived."""
+    digest = hashlib.sha256("\n".join(sorted(sop_uids)).encode("ascii"))
+    return digest.hexdigest()

@@ -1,0 +1,116 @@
+"""In-memory stand-ins for the ports, for unit tests of poller, worker and pipeline.
+
+The store is not faked: the embedded SQLite ``SqlStore`` in a temporary file is
+the real adapter, cheap enough for unit tests, so queue semantics are never
+implemented twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxr_daemon.domain import (
+    Change,
+    ChangesPage,
+    InstanceInfo,
+    SeriesInfo,
+    StudyInfo,
+)
+from cxr_daemon.errors import CxrdError, StudyGoneError
+
+
+@dataclass
+class FakeOrthanc:
+    """Orthanc's feed and studies, with the paging rules of the real /changes."""
+
+    changes_log: list[Change] = field(default_factory=list)
+    studies: dict[str, StudyInfo] = field(default_factory=dict)
+    fail_next: list[CxrdError] = field(default_factory=list)
+    seq: int = 0
+    calls: list[str] = field(default_factory=list)
+
+    def add_change(self, change_type: str, orthanc_id: str, resource: str = "Study") -> int:
+        """Append a change; return its seq."""
+        self.seq += 1
+        self.changes_log.append(Change(self.seq, change_type, resource, orthanc_id))
+        return self.seq
+
+    def add_study(self, study: StudyInfo, *, stable: bool = True) -> None:
+        """Store a study and announce it as Orthanc would (NewStudy, then StableStudy)."""
+        self.studies[study.orthanc_id] = study
+        self.add_change("NewStudy", study.orthanc_id)
+        if stable:
+            self.add_change("StableStudy", study.orthanc_id)
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls.append(name)
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+
+    def changes(self, since: int, limit: int) -> ChangesPage:
+        """Changes after ``since``; ``Last`` is the page's last seq, or the global one."""
+        self._maybe_fail("changes")
+        after = [c for c in self.changes_log if c.seq > since]
+        page = after[:limit]
+        last = page[-1].seq if page else self.seq
+        return ChangesPage(tuple(page), last=last, done=len(after) <= limit)
+
+    def last_change(self) -> int:
+        """The last seq."""
+        self._maybe_fail("last_change")
+        return self.seq
+
+    def study(self, orthanc_id: str) -> StudyInfo:
+        """A stored study, or StudyGoneError."""
+        self._maybe_fail("study")
+        if orthanc_id not in self.studies:
+            raise StudyGoneError(f"Orthanc no longer has /studies/{orthanc_id} (HTTP 404)")
+        return self.studies[orthanc_id]
+
+    def study_uid(self, orthanc_id: str) -> str:
+        """The study's UID."""
+        return self.study(orthanc_id).study_uid
+
+    def find_study(self, study_uid: str) -> str | None:
+        """Orthanc id by UID."""
+        return next((s.orthanc_id for s in self.studies.values() if s.study_uid == study_uid), None)
+
+    def instance_tags(self, orthanc_id: str) -> Mapping[str, str]:
+        """No tags."""
+        return {"SOPInstanceUID": orthanc_id}
+
+    def download_instance(self, orthanc_id: str, dest: Path) -> int:
+        """Write a placeholder file."""
+        dest.write_bytes(b"DICM")
+        return 4
+
+    def rendered_instance(self, orthanc_id: str) -> bytes:
+        """Not used by these tests."""
+        raise NotImplementedError(orthanc_id)
+
+    def ping(self) -> str:
+        """Always up."""
+        return "fake Orthanc"
+
+
+def make_study(
+    n: int,
+    *,
+    modality: str = "DX",
+    body_part: str = "CHEST",
+    images: int = 2,
+    extra_series: tuple[tuple[str, str], ...] = (),
+) -> StudyInfo:
+    """A study with one series of ``modality`` (plus ``extra_series`` (modality, part))."""
+    study_uid = f"1.2.826.0.1.{n}"
+    specs = [(modality, body_part), *extra_series]
+    series: list[SeriesInfo] = []
+    instances: list[InstanceInfo] = []
+    for s_idx, (mod, part) in enumerate(specs, start=1):
+        series_uid = f"{study_uid}.{s_idx}"
+        ids = tuple(f"inst-{n}-{s_idx}-{i}" for i in range(images))
+        series.append(SeriesInfo(f"series-{n}-{s_idx}", series_uid, mod, part, ids))
+        instances += [InstanceInfo(iid, f"{series_uid}.{i}", series_uid) for i, iid in enumerate(ids)]
+    return StudyInfo(f"study-{n}", study_uid, f"PID-{n}", tuple(series), tuple(instances))

@@ -1,0 +1,43 @@
+"""Unit-test fixtures: the embedded SQLite store and the fake Orthanc."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxr_daemon.adapters.db import SqlStore
+from cxr_daemon.adapters.gate import NoGate
+from cxr_daemon.domain import FilterRule
+from cxr_daemon.pipeline import Pipeline
+from cxr_daemon.poller import Poller
+from cxr_daemon.ports import Ports, RunVersions
+from cxr_daemon.worker import RetryRule, Worker
+from tests.fakes import FakeOrthanc
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    s = SqlStore(f"sqlite://{tmp_path / 'cxrd.db'}")
+    s.migrate()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def orthanc() -> FakeOrthanc:
+    return FakeOrthanc()
+
+
+@pytest.fixture
+def poller(orthanc: FakeOrthanc, store: SqlStore) -> Poller:
+    return Poller(orthanc, store, page_size=3, start_from="beginning")
+
+
+@pytest.fixture
+def worker(orthanc: FakeOrthanc, store: SqlStore) -> Worker:
+    pipeline = Pipeline(
+        Ports(orthanc=orthanc, store=store, gate=NoGate()), FilterRule(), RunVersions(code="test")
+    )
+    return Worker(store, pipeline, RetryRule(max_attempts=3, backoff_s=(5, 30)))
