@@ -51,7 +51,7 @@ def build(cfg: Config, stop: threading.Event | None = None) -> App:
     policy = RetryPolicy(stop)
     store = build_store(cfg)
     orthanc = OrthancClient(cfg.orthanc, policy)
-    gate = FileGate(cfg.test_gate_dir, stop) if cfg.test_gate_dir else NoGate()
+    gate = FileGate(cfg.test_gate_dir) if cfg.test_gate_dir else NoGate()
     ports = Ports(orthanc=orthanc, store=store, gate=gate)
     pipeline = Pipeline(
         ports,

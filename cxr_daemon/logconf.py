@@ -33,6 +33,11 @@ PHI_KEYS = frozenset(
 )
 
 
+# structlog caches a logger's processor chain on first use (faster in the
+# daemon). Tests turn this off so that capture_logs sees every logger.
+cache_loggers = True
+
+
 def drop_phi(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -65,7 +70,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache_loggers,
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(

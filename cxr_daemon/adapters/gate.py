@@ -2,8 +2,9 @@
 
 ``FileGate`` is enabled only by ``$CXRD_TEST_GATE_DIR`` (read in config.py). When
 the file ``block-<step>`` exists in that directory, the pipeline writes
-``at-<step>`` (carrying the study UID) and waits until ``block-<step>`` is gone or
-the daemon is stopping.
+``at-<step>`` (carrying the study UID) and waits until ``block-<step>`` is gone.
+It deliberately ignores the stop event: a held study is "the study in hand",
+which a first SIGTERM lets finish and a second SIGTERM abandons.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class NoGate:
 class FileGate:
     """Hold a step while ``block-<step>`` exists in ``directory``."""
 
-    def __init__(self, directory: str, stop: threading.Event) -> None:
+    def __init__(self, directory: str) -> None:
         self.directory = Path(directory)
-        self.stop = stop
+        self.poll = threading.Event()  # never set: its wait() is an interruptible pause
 
     def reached(self, step: str) -> None:
         """Announce the step and wait while it is blocked."""
@@ -38,5 +39,5 @@ class FileGate:
         ctx = structlog.contextvars.get_contextvars()
         (self.directory / f"at-{step}").write_text(str(ctx.get("study_uid", "")))
         log.warning("test_gate_holding", step=step)
-        while block.exists() and not self.stop.wait(0.05):
-            pass
+        while block.exists():
+            self.poll.wait(0.05)

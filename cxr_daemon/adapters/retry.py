@@ -56,7 +56,9 @@ class RetryPolicy:
             retry=tenacity.retry_if_exception_type(TransientError),
             stop=tenacity.stop_after_attempt(self.attempts)
             | tenacity.stop_when_event_set(self.stop),
-            wait=tenacity.wait_exponential_jitter(initial=self.initial_s, max=self.max_wait_s),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=self.initial_s, jitter=self.initial_s, max=self.max_wait_s
+            ),
             sleep=self._sleep,
             before_sleep=before_sleep,
             reraise=True,

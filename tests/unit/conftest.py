@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cxr_daemon import logconf
 from cxr_daemon.adapters.db import SqlStore
 from cxr_daemon.adapters.gate import NoGate
 from cxr_daemon.domain import FilterRule
@@ -15,6 +16,9 @@ from cxr_daemon.poller import Poller
 from cxr_daemon.ports import Ports, RunVersions
 from cxr_daemon.worker import RetryRule, Worker
 from tests.fakes import FakeOrthanc
+
+
+logconf.cache_loggers = False  # capture_logs must see module-level loggers
 
 
 @pytest.fixture
