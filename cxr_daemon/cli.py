@@ -74,6 +74,8 @@ def _install_signals(stop: threading.Event) -> None:
             os.write(2, f"cxrd: second signal {signum}, exiting now\n".encode())
             os._exit(1)
         stop.set()
+        # Handlers run in the main thread between bytecodes, so logging is safe here.
+        log.warning("shutdown_requested", signal=signum, hint="a second signal exits at once")
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
