@@ -6,10 +6,13 @@ import threading
 from dataclasses import dataclass
 
 from cxr_daemon import __version__
+from cxr_daemon.adapters.bedrock import build_reporter
 from cxr_daemon.adapters.db import SqlStore
 from cxr_daemon.adapters.gate import FileGate, NoGate
 from cxr_daemon.adapters.orthanc import OrthancClient
 from cxr_daemon.adapters.retry import RetryPolicy
+from cxr_daemon.adapters.s3 import S3ObjectStore
+from cxr_daemon.adapters.sagemaker import build_endpoints
 from cxr_daemon.config import Config
 from cxr_daemon.domain import FilterRule
 from cxr_daemon.pipeline import Pipeline
@@ -26,6 +29,7 @@ class App:
     stop: threading.Event
     store: SqlStore
     orthanc: OrthancClient
+    ports: Ports
     pipeline: Pipeline
     poller: Poller
     worker: Worker
@@ -51,14 +55,24 @@ def build(cfg: Config, stop: threading.Event | None = None) -> App:
     policy = RetryPolicy(stop)
     store = build_store(cfg)
     orthanc = OrthancClient(cfg.orthanc, policy)
-    gate = FileGate(cfg.test_gate_dir) if cfg.test_gate_dir else NoGate()
-    ports = Ports(orthanc=orthanc, store=store, gate=gate)
+    segmentation, classification = build_endpoints(cfg.inference, policy)
+    reporter = build_reporter(cfg.report, policy)
+    ports = Ports(
+        orthanc=orthanc,
+        store=store,
+        objects=S3ObjectStore(cfg.s3, policy),
+        segmentation=segmentation,
+        classification=classification,
+        reporter=reporter,
+        gate=FileGate(cfg.test_gate_dir) if cfg.test_gate_dir else NoGate(),
+    )
     pipeline = Pipeline(
         ports,
         FilterRule(modalities=cfg.filter.modalities, body_parts=cfg.filter.body_parts),
-        RunVersions(code=__version__),
+        RunVersions(code=__version__, prompt_hash=reporter.prompt_hash),
+        max_side=cfg.inference.max_side,
     )
     poller = Poller(orthanc, store, cfg.orthanc.page_size, cfg.orthanc.start_from)
     retry = RetryRule(cfg.pipeline.max_attempts, cfg.pipeline.retry_backoff_s)
     worker = Worker(store, pipeline, retry)
-    return App(cfg, stop, store, orthanc, pipeline, poller, worker)
+    return App(cfg, stop, store, orthanc, ports, pipeline, poller, worker)

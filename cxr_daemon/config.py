@@ -193,6 +193,11 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     for name, cls in SECTIONS.items():
         sections[name] = _section(cls, name, raw.get(name, {}), path)
     sections = _resolve_secrets(sections, path)
+    if not sections["inference"].region:
+        # SageMaker endpoints usually live beside the bucket.
+        sections["inference"] = dataclasses.replace(
+            sections["inference"], region=sections["s3"].region
+        )
     return Config(path=path, test_gate_dir=os.environ.get("CXRD_TEST_GATE_DIR", ""), **sections)
 
 

@@ -186,3 +186,47 @@ def instance_set_hash(sop_uids: list[str] | tuple[str, ...]) -> str:
     """Hash of the sorted SOPInstanceUIDs: equal sets mean nothing new arrived."""
     digest = hashlib.sha256("\n".join(sorted(sop_uids)).encode("ascii"))
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """S3 keys of one study (DESIGN "Storage layout"), relative to the configured prefix.
+
+    Built only from validated UIDs: a UID with a path character never gets here.
+    """
+
+    study_uid: str
+
+    def __post_init__(self) -> None:
+        validate_uid(self.study_uid, "StudyInstanceUID")
+
+    @property
+    def root(self) -> str:
+        """``studies/{StudyInstanceUID}``."""
+        return f"studies/{self.study_uid}"
+
+    def jpg(self, sop_uid: str) -> str:
+        """The 8-bit rendering sent to the models."""
+        return f"{self.root}/input/original/{validate_uid(sop_uid, 'SOPInstanceUID')}.jpg"
+
+    def dcm(self, sop_uid: str) -> str:
+        """The DICOM file as stored in Orthanc."""
+        return f"{self.root}/input/dicom/{validate_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+
+    def mask(self, sop_uid: str) -> str:
+        """The segmentation mask."""
+        return f"{self.root}/segmentation/masks/{validate_uid(sop_uid, 'SOPInstanceUID')}_mask.png"
+
+    @property
+    def result(self) -> str:
+        """Per-instance findings of the run."""
+        return f"{self.root}/classification/result.json"
+
+    @property
+    def report(self) -> str:
+        """The draft report."""
+        return f"{self.root}/report/report.json"
+
+    def log(self, started: datetime) -> str:
+        """The run's log, named by its UTC start."""
+        return f"{self.root}/metadata/log_{started.astimezone(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -67,3 +67,11 @@ class InvalidDicomError(PermanentError):
 
 class InvalidUidError(PermanentError):
     """A UID is not digits-and-dots or is longer than 64 characters."""
+
+
+class UndecodablePixelDataError(InvalidDicomError):
+    """The header is sound but no local decoder can decode the pixel data.
+
+    The pipeline then asks Orthanc to render the image (``/rendered``) and
+    records that it did; any other ``InvalidDicomError`` fails the study.
+    """

@@ -7,10 +7,10 @@ an adapter never lets an SDK exception (requests, botocore, pymysql) through.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from cxr_daemon.domain import (
     ChangesPage,
@@ -128,7 +128,7 @@ class RunResults:
     instance_set_hash: str = ""
     log_key: str = ""
     patient_id: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    models: str = ""
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,10 @@ class ObjectStore(Protocol):
         """Remove one object (errors as ``put``)."""
         ...
 
+    def uri(self, key: str) -> str:
+        """``s3://bucket/prefix/key``, for people."""
+        ...
+
     def ping(self) -> str:
         """Reach the bucket: put and delete a probe object; return a short description."""
         ...
@@ -342,8 +346,8 @@ class Ports:
 
     orthanc: Orthanc
     store: Store
+    objects: ObjectStore
+    segmentation: ModelEndpoint
+    classification: ModelEndpoint
+    reporter: Reporter
     gate: StepGate
-    objects: ObjectStore | None = None
-    segmentation: ModelEndpoint | None = None
-    classification: ModelEndpoint | None = None
-    reporter: Reporter | None = None

@@ -7,10 +7,16 @@ implemented twice.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from cxr_daemon import modelserver
 from cxr_daemon.domain import (
     Change,
     ChangesPage,
@@ -19,6 +25,7 @@ from cxr_daemon.domain import (
     StudyInfo,
 )
 from cxr_daemon.errors import CxrdError, StudyGoneError
+from cxr_daemon.sandbox.phantom import write_chest_phantom
 
 
 @dataclass
@@ -30,6 +37,7 @@ class FakeOrthanc:
     fail_next: list[CxrdError] = field(default_factory=list)
     seq: int = 0
     calls: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
 
     def add_change(self, change_type: str, orthanc_id: str, resource: str = "Study") -> int:
         """Append a change; return its seq."""
@@ -82,13 +90,36 @@ class FakeOrthanc:
         return {"SOPInstanceUID": orthanc_id}
 
     def download_instance(self, orthanc_id: str, dest: Path) -> int:
-        """Write a placeholder file."""
-        dest.write_bytes(b"DICM")
-        return 4
+        """Copy a planted file, or write a small chest phantom with the instance's UIDs."""
+        self._maybe_fail("download")
+        if orthanc_id in self.files:
+            dest.write_bytes(self.files[orthanc_id].read_bytes())
+            return dest.stat().st_size
+        study, inst = self._instance(orthanc_id)
+        write_chest_phantom(
+            dest,
+            study_uid=study.study_uid,
+            series_uid=inst.series_uid,
+            sop_uid=inst.sop_uid,
+            rows=96,
+            cols=80,
+        )
+        return dest.stat().st_size
+
+    def _instance(self, orthanc_id: str) -> tuple[StudyInfo, InstanceInfo]:
+        for study in self.studies.values():
+            for inst in study.instances:
+                if inst.orthanc_id == orthanc_id:
+                    return study, inst
+        raise StudyGoneError(f"Orthanc no longer has /instances/{orthanc_id} (HTTP 404)")
 
     def rendered_instance(self, orthanc_id: str) -> bytes:
-        """Not used by these tests."""
-        raise NotImplementedError(orthanc_id)
+        """A mid-grey PNG, as Orthanc's /rendered would give for any image."""
+        self._maybe_fail("render")
+        self.calls.append(f"rendered:{orthanc_id}")
+        out = io.BytesIO()
+        Image.new("L", (80, 96), 128).save(out, format="PNG")
+        return out.getvalue()
 
     def ping(self) -> str:
         """Always up."""
@@ -112,5 +143,69 @@ def make_study(
         series_uid = f"{study_uid}.{s_idx}"
         ids = tuple(f"inst-{n}-{s_idx}-{i}" for i in range(images))
         series.append(SeriesInfo(f"series-{n}-{s_idx}", series_uid, mod, part, ids))
-        instances += [InstanceInfo(iid, f"{series_uid}.{i}", series_uid) for i, iid in enumerate(ids)]
+        instances += [
+            InstanceInfo(iid, f"{series_uid}.{i}", series_uid) for i, iid in enumerate(ids)
+        ]
     return StudyInfo(f"study-{n}", study_uid, f"PID-{n}", tuple(series), tuple(instances))
+
+
+@dataclass
+class FakeObjectStore:
+    """A bucket in a dict: key -> (body bytes, content type, metadata)."""
+
+    objects: dict[str, tuple[bytes, str, dict[str, str]]] = field(default_factory=dict)
+    fail_next: list[CxrdError] = field(default_factory=list)
+
+    def put(
+        self, key: str, body: bytes | Path, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        """Store the object (a Path is read)."""
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+        data = body.read_bytes() if isinstance(body, Path) else body
+        self.objects[key] = (data, content_type, dict(metadata))
+
+    def delete(self, key: str) -> None:
+        """Remove the object."""
+        self.objects.pop(key, None)
+
+    def uri(self, key: str) -> str:
+        """s3://fake/<key>."""
+        return f"s3://fake/{key}"
+
+    def ping(self) -> str:
+        """Always reachable."""
+        return "fake bucket"
+
+    def json(self, key: str) -> object:
+        """A stored JSON object, decoded."""
+        return json.loads(self.objects[key][0])
+
+
+@dataclass
+class FakeModel:
+    """A model endpoint answering with the reference model server's functions in-process."""
+
+    name: str
+    answers: list[bytes | CxrdError] = field(default_factory=list)
+    requests: list[bytes] = field(default_factory=list)
+
+    def invoke(self, body: bytes, content_type: str, accept: str) -> bytes:
+        """Answer a planted answer first, else the reference model's."""
+        self.requests.append(body)
+        if self.answers:
+            answer = self.answers.pop(0)
+            if isinstance(answer, CxrdError):
+                raise answer
+            return answer
+        with Image.open(io.BytesIO(body)) as image:
+            pixels = np.asarray(image.convert("L"))
+        if self.name == "segmentation":
+            out = io.BytesIO()
+            Image.fromarray(modelserver.segment(pixels)).save(out, format="PNG")
+            return out.getvalue()
+        return json.dumps(modelserver.classify(pixels)).encode()
+
+    def ping(self) -> str:
+        """In service."""
+        return f"fake {self.name}"

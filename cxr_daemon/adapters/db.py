@@ -296,7 +296,9 @@ class SqlStore:
             cur.execute(
                 self.db.sql(
                     "UPDATE runs SET outcome = ?, reason = ?, finished_at = ?, "
-                    "instance_set_hash = ?, log_key = ? WHERE run_id = ?"
+                    "instance_set_hash = ?, log_key = ?, "
+                    "model_versions = CASE WHEN ? = '' THEN model_versions ELSE ? END "
+                    "WHERE run_id = ?"
                 ),
                 (
                     outcome.value,
@@ -304,6 +306,8 @@ class SqlStore:
                     _ts(utcnow()),
                     res.instance_set_hash or None,
                     res.log_key or None,
+                    res.models,
+                    res.models,
                     run_id,
                 ),
             )

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.integration
 
 
 def orthanc_last(orthanc: OrthancProcess) -> int:
-    answer = requests.get(f"{orthanc.url}/changes", params={"last": ""}, auth=orthanc.auth,
-                          timeout=10)
+    answer = requests.get(
+        f"{orthanc.url}/changes", params={"last": ""}, auth=orthanc.auth, timeout=10
+    )
     answer.raise_for_status()
     return int(answer.json()["Last"])
 
@@ -31,6 +32,29 @@ def send_and_wait(orthanc: OrthancProcess, files: list[Path], uids: list[str]) -
     wait_until_stable(orthanc.url, orthanc.auth, uids, timeout_s=60)
 
 
+@pytest.fixture
+def config(
+    orthanc: OrthancProcess,
+    mysql_url: str,
+    s3_server: str,
+    bucket: str,
+    model_server: str,
+    tmp_path: Path,
+) -> Path:
+    """A migrated cxrd config on the real sandbox: Orthanc, MariaDB, local S3, model server."""
+    path = write_config(
+        tmp_path / "cxrd.toml",
+        orthanc,
+        mysql_url,
+        s3_endpoint=s3_server,
+        bucket=bucket,
+        model_url=model_server,
+    )
+    migrated = cxrd("db", "migrate", config=path)
+    assert migrated.returncode == 0, migrated.stderr
+    return path
+
+
 def five_studies(tmp: Path) -> tuple[list[Path], dict[str, str]]:
     """3 CXR (DX two views, DX, CR MONOCHROME1 RLE), 1 CT, 1 SR-only; returns files, uid->kind."""
     tmp.mkdir()
@@ -38,16 +62,25 @@ def five_studies(tmp: Path) -> tuple[list[Path], dict[str, str]]:
     files: list[Path] = []
     two_views = str(new_uid())
     for n, view in enumerate(("PA", "LL")):
-        files.append(write_chest_phantom(tmp / f"dx2_{n}.dcm", study_uid=two_views,
-                                         view_position=view, rows=256, cols=256, seed=n))
+        files.append(
+            write_chest_phantom(
+                tmp / f"dx2_{n}.dcm",
+                study_uid=two_views,
+                view_position=view,
+                rows=256,
+                cols=256,
+                seed=n,
+            )
+        )
     kinds[two_views] = "cxr"
     for name, kwargs in {
         "dx": {"modality": "DX"},
         "cr": {"modality": "CR", "photometric": "MONOCHROME1", "transfer_syntax": RLELossless},
     }.items():
         uid = str(new_uid())
-        files.append(write_chest_phantom(tmp / f"{name}.dcm", study_uid=uid, rows=256, cols=256,
-                                         **kwargs))  # type: ignore[arg-type]
+        files.append(
+            write_chest_phantom(tmp / f"{name}.dcm", study_uid=uid, rows=256, cols=256, **kwargs)
+        )  # type: ignore[arg-type]
         kinds[uid] = "cxr"
     for kind in ("CT", "SR"):
         uid = str(new_uid())
@@ -57,14 +90,12 @@ def five_studies(tmp: Path) -> tuple[list[Path], dict[str, str]]:
 
 
 def test_run_once_processes_cxr_skips_others_and_is_idempotent(
-    orthanc: OrthancProcess, mysql_url: str, tmp_path: Path
+    orthanc: OrthancProcess, mysql_url: str, config: Path, tmp_path: Path
 ) -> None:
     """5 studies by C-STORE -> 3 done, 2 skipped with reasons, checkpoint = Orthanc's Last;
     a second --once adds no run and duplicates no row."""
     files, kinds = five_studies(tmp_path / "dicom")
     send_and_wait(orthanc, files, list(kinds))
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url)
-    assert cxrd("db", "migrate", config=config).returncode == 0
     first = cxrd("run", "--once", config=config)
     assert first.returncode == 0, first.stderr[-3000:]
 
@@ -107,12 +138,10 @@ def _one_cxr(orthanc: OrthancProcess, tmp_path: Path) -> str:
 
 
 def test_sigkill_while_running_is_reclaimed_and_done_exactly_once(
-    orthanc: OrthancProcess, mysql_url: str, tmp_path: Path
+    orthanc: OrthancProcess, mysql_url: str, config: Path, tmp_path: Path
 ) -> None:
     """A daemon killed with SIGKILL mid-study leaves it running; the restart finishes it once."""
     uid = _one_cxr(orthanc, tmp_path)
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url)
-    assert cxrd("db", "migrate", config=config).returncode == 0
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "block-record").touch()
@@ -141,12 +170,10 @@ def test_sigkill_while_running_is_reclaimed_and_done_exactly_once(
 
 
 def test_sigterm_finishes_the_study_in_hand_and_exits_0(
-    orthanc: OrthancProcess, mysql_url: str, tmp_path: Path
+    orthanc: OrthancProcess, mysql_url: str, config: Path, tmp_path: Path
 ) -> None:
     """First SIGTERM: stop claiming, finish the held study, commit, exit 0."""
     uid = _one_cxr(orthanc, tmp_path)
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url)
-    assert cxrd("db", "migrate", config=config).returncode == 0
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "block-record").touch()
@@ -166,12 +193,10 @@ def test_sigterm_finishes_the_study_in_hand_and_exits_0(
 
 
 def test_second_signal_exits_at_once(
-    orthanc: OrthancProcess, mysql_url: str, tmp_path: Path
+    orthanc: OrthancProcess, mysql_url: str, config: Path, tmp_path: Path
 ) -> None:
     """A second SIGTERM while the study in hand is still held exits non-zero immediately."""
     _one_cxr(orthanc, tmp_path)
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url)
-    assert cxrd("db", "migrate", config=config).returncode == 0
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "block-record").touch()

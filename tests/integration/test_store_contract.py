@@ -116,8 +116,11 @@ def test_run_results_are_saved_with_the_run(store: SqlStore) -> None:
     store.claim(datetime.now(UTC))
     run_id = store.start_run("1.2.3.1", Trigger.FEED, RunVersions("1.0", "seg:1", "p:ab"))
     results = RunResults(
-        instances=[InstanceRecord("1.2.3.1.1.1", "1.2.3.1.1", "PA", "pydicom", 800, 1024,
-                                  "k.jpg", "k.dcm", "k.png")],
+        instances=[
+            InstanceRecord(
+                "1.2.3.1.1.1", "1.2.3.1.1", "PA", "pydicom", 800, 1024, "k.jpg", "k.dcm", "k.png"
+            )
+        ],
         findings=[FindingRecord("1.2.3.1.1.1", "Effusion", 0.72, (1, 2, 30, 40))],
         report=ReportRecord("No acute findings.", "template", 0, 0, "end_turn", "p:ab"),
         instance_set_hash="h" * 64,
@@ -129,11 +132,14 @@ def test_run_results_are_saved_with_the_run(store: SqlStore) -> None:
     (run,) = store.runs("1.2.3.1")
     assert (run.outcome, run.trigger) == ("done", "feed")
     with store.raw() as cur:
-        cur.execute(store.db.sql("SELECT label, probability, bbox FROM findings WHERE run_id = ?"),
-                    (run_id,))
+        cur.execute(
+            store.db.sql("SELECT label, probability, bbox FROM findings WHERE run_id = ?"),
+            (run_id,),
+        )
         assert cur.fetchall()[0] == ("Effusion", 0.72, "[1, 2, 30, 40]")
-        cur.execute(store.db.sql("SELECT patient_id FROM studies WHERE study_uid = ?"),
-                    ("1.2.3.1",))
+        cur.execute(
+            store.db.sql("SELECT patient_id FROM studies WHERE study_uid = ?"), ("1.2.3.1",)
+        )
         assert cur.fetchone()[0] == "PID-1"
 
 

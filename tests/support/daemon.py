@@ -11,6 +11,11 @@ from pathlib import Path
 
 from cxr_daemon.sandbox.orthanc import OrthancProcess
 
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 CXRD = [sys.executable, "-c", "from cxr_daemon.cli import app; app()"]
 
 
@@ -19,6 +24,9 @@ def write_config(
     orthanc: OrthancProcess,
     database_url: str,
     *,
+    s3_endpoint: str = "http://127.0.0.1:9",
+    bucket: str = "cxrd-test",
+    model_url: str = "http://127.0.0.1:9",
     poll_interval_s: float = 0.2,
     extra: str = "",
 ) -> Path:
@@ -36,7 +44,20 @@ start_from = "beginning"
 timeout_s = 10
 
 [s3]
-bucket = "cxrd-test"
+bucket = "{bucket}"
+prefix = "test"
+region = "us-east-1"
+endpoint_url = "{s3_endpoint}"
+
+[inference]
+backend = "http"
+segmentation_endpoint = "{model_url}/segmentation"
+classification_endpoint = "{model_url}/classification"
+max_side = 512
+timeout_s = 30
+
+[report]
+backend = "template"
 
 [database]
 url = "{database_url}"
@@ -62,7 +83,7 @@ def cxrd(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **AWS_TEST_ENV, **(env or {})},
         check=False,
     )
 
@@ -76,7 +97,7 @@ class DaemonProcess:
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **AWS_TEST_ENV, **(env or {})},
         )
         self.lines: list[str] = []
         self.changed = threading.Condition()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cxr_daemon import logconf
+from cxr_daemon.adapters.bedrock import TemplateReporter
 from cxr_daemon.adapters.db import SqlStore
 from cxr_daemon.adapters.gate import NoGate
 from cxr_daemon.domain import FilterRule
@@ -15,8 +16,7 @@ from cxr_daemon.pipeline import Pipeline
 from cxr_daemon.poller import Poller
 from cxr_daemon.ports import Ports, RunVersions
 from cxr_daemon.worker import RetryRule, Worker
-from tests.fakes import FakeOrthanc
-
+from tests.fakes import FakeModel, FakeObjectStore, FakeOrthanc
 
 logconf.cache_loggers = False  # capture_logs must see module-level loggers
 
@@ -40,8 +40,28 @@ def poller(orthanc: FakeOrthanc, store: SqlStore) -> Poller:
 
 
 @pytest.fixture
-def worker(orthanc: FakeOrthanc, store: SqlStore) -> Worker:
-    pipeline = Pipeline(
-        Ports(orthanc=orthanc, store=store, gate=NoGate()), FilterRule(), RunVersions(code="test")
+def bucket() -> FakeObjectStore:
+    return FakeObjectStore()
+
+
+@pytest.fixture
+def ports(orthanc: FakeOrthanc, store: SqlStore, bucket: FakeObjectStore) -> Ports:
+    return Ports(
+        orthanc=orthanc,
+        store=store,
+        objects=bucket,
+        segmentation=FakeModel("segmentation"),
+        classification=FakeModel("classification"),
+        reporter=TemplateReporter(),
+        gate=NoGate(),
     )
+
+
+@pytest.fixture
+def pipeline(ports: Ports) -> Pipeline:
+    return Pipeline(ports, FilterRule(), RunVersions(code="test"), max_side=64)
+
+
+@pytest.fixture
+def worker(store: SqlStore, pipeline: Pipeline) -> Worker:
     return Worker(store, pipeline, RetryRule(max_attempts=3, backoff_s=(5, 30)))

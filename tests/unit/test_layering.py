@@ -59,4 +59,5 @@ def test_only_config_reads_the_environment() -> None:
         if path.name == "config.py" or "sandbox" in path.parts:
             continue
         text = path.read_text()
-        assert "os.environ" not in text and "os.getenv" not in text, path
+        assert "os.environ" not in text, path
+        assert "os.getenv" not in text, path

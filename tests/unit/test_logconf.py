@@ -57,7 +57,10 @@ def test_library_debug_noise_is_filtered(stream: io.StringIO) -> None:
 def test_phi_keys_are_redacted(stream: io.StringIO) -> None:
     """Values under patient_id/patient_name/birth_date/accession never reach the output."""
     structlog.get_logger("x").info(
-        "oops", patient_id="PID-123", PatientName="Doe^Jane", birth_date="19700101",
+        "oops",
+        patient_id="PID-123",
+        PatientName="Doe^Jane",
+        birth_date="19700101",
         accession_number="ACC9",
     )
     text = stream.getvalue()

@@ -53,14 +53,35 @@ def test_changes_page_is_parsed_with_auth_and_params(client: OrthancClient) -> N
 @responses.activate
 def test_study_lookup_builds_series_and_instances(client: OrthancClient) -> None:
     """A study's series (modality, body part) and instances (SOP UID, series) are read."""
-    responses.get(f"{URL}/studies/s1", json={
-        "ID": "s1", "IsStable": True, "MainDicomTags": {"StudyInstanceUID": "1.2.3"},
-        "PatientMainDicomTags": {"PatientID": "P1"}})
-    responses.get(f"{URL}/studies/s1/series", json=[{
-        "ID": "se1", "MainDicomTags": {"SeriesInstanceUID": "1.2.3.1", "Modality": "DX",
-                                       "BodyPartExamined": "CHEST"}, "Instances": ["i1"]}])
-    responses.get(f"{URL}/studies/s1/instances", json=[{
-        "ID": "i1", "ParentSeries": "se1", "MainDicomTags": {"SOPInstanceUID": "1.2.3.1.1"}}])
+    responses.get(
+        f"{URL}/studies/s1",
+        json={
+            "ID": "s1",
+            "IsStable": True,
+            "MainDicomTags": {"StudyInstanceUID": "1.2.3"},
+            "PatientMainDicomTags": {"PatientID": "P1"},
+        },
+    )
+    responses.get(
+        f"{URL}/studies/s1/series",
+        json=[
+            {
+                "ID": "se1",
+                "MainDicomTags": {
+                    "SeriesInstanceUID": "1.2.3.1",
+                    "Modality": "DX",
+                    "BodyPartExamined": "CHEST",
+                },
+                "Instances": ["i1"],
+            }
+        ],
+    )
+    responses.get(
+        f"{URL}/studies/s1/instances",
+        json=[
+            {"ID": "i1", "ParentSeries": "se1", "MainDicomTags": {"SOPInstanceUID": "1.2.3.1.1"}}
+        ],
+    )
     study = client.study("s1")
     assert study.study_uid == "1.2.3"
     assert study.patient_id == "P1"
@@ -80,8 +101,15 @@ def test_download_streams_the_file_to_disk(client: OrthancClient, tmp_path: Path
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(401, ConfigError), (403, ConfigError), (404, StudyGoneError), (400, PermanentError),
-     (500, TransientError), (503, TransientError), (429, TransientError)],
+    [
+        (401, ConfigError),
+        (403, ConfigError),
+        (404, StudyGoneError),
+        (400, PermanentError),
+        (500, TransientError),
+        (503, TransientError),
+        (429, TransientError),
+    ],
 )
 @responses.activate
 def test_http_status_mapping(client: OrthancClient, status: int, error: type[Exception]) -> None:
@@ -130,8 +158,9 @@ def test_malformed_json_is_rejected_with_a_reason(client: OrthancClient) -> None
 @responses.activate
 def test_invalid_study_uid_from_orthanc_is_rejected(client: OrthancClient) -> None:
     """A StudyInstanceUID with path characters is refused before it can become a key."""
-    responses.get(f"{URL}/studies/s1", json={"ID": "s1",
-                                             "MainDicomTags": {"StudyInstanceUID": "1.2/../3"}})
+    responses.get(
+        f"{URL}/studies/s1", json={"ID": "s1", "MainDicomTags": {"StudyInstanceUID": "1.2/../3"}}
+    )
     with pytest.raises(InvalidUidError):
         client.study_uid("s1")
 

@@ -67,7 +67,8 @@ def test_last_below_checkpoint_rewinds_to_zero_loudly(
         assert poller.step() is True
     assert store.checkpoint() == 0
     rewound = [e for e in logs if e["event"] == "orthanc_feed_rewound"]
-    assert rewound and rewound[0]["log_level"] == "error"
+    assert rewound
+    assert rewound[0]["log_level"] == "error"
     assert rewound[0]["checkpoint"] == 500
     drain(poller)
     assert store.counts()["pending"] == 1
