@@ -20,8 +20,12 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import structlog
 import typer
 
-from cxr_daemon import __version__, bootstrap, config, logconf
+from cxr_daemon import __version__, bootstrap, config, logconf, modelserver
+from cxr_daemon.domain import StudyState
 from cxr_daemon.errors import ConfigError, CxrdError
+from cxr_daemon.pipeline import RunSummary
+from cxr_daemon.reprocess import reprocess_study
+from cxr_daemon.sdnotify import Notifier
 from cxr_daemon.status import study_status, summary
 from cxr_daemon.worker import Daemon
 
@@ -92,10 +96,13 @@ def run(
     _install_signals(stop)
     services = _guarded(lambda: bootstrap.build(cfg, stop))
 
+    notifier = Notifier(cfg.notify_socket, cfg.watchdog_usec)
+
     def body() -> None:
         services.store.require_current_schema()
         reclaimed = services.store.reclaim_running(cfg.pipeline.max_attempts)
-        checkpoint = services.poller.prime()
+        checkpoint = services.poller.prime()  # Orthanc reachable, credentials accepted
+        notifier.ready(f"checkpoint {checkpoint}")
         log.info(
             "daemon_started",
             version=__version__,
@@ -103,11 +110,19 @@ def run(
             reclaimed=reclaimed,
             once=once,
         )
-        Daemon(services.poller, services.worker, stop, cfg.orthanc.poll_interval_s).run(once=once)
+        daemon = Daemon(
+            services.poller,
+            services.worker,
+            stop,
+            cfg.orthanc.poll_interval_s,
+            heartbeat=notifier.watchdog,
+        )
+        daemon.run(once=once)
 
     try:
         _guarded(body)
     finally:
+        notifier.stopping()
         log.info("daemon_stopped", signal_received=stop.is_set())
         services.close()
 
@@ -151,6 +166,77 @@ def _print_status(data: dict[str, Any]) -> None:
         typer.echo(f"oldest waiting: {data['oldest_waiting_s']:.0f} s")
     for f in data["failures"]:
         typer.echo(f"FAILED {f['study_uid']} after {f['attempts']} attempts: {f['reason']}")
+
+
+@app.command()
+def reprocess(
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID to process again.")],
+    config_path: ConfigOpt = None,
+) -> None:
+    """Run the pipeline for one study now, as a new run, whatever its state."""
+    cfg = _load(config_path)
+    services = _guarded(lambda: bootstrap.build(cfg))
+    try:
+        done = _guarded(lambda: reprocess_study(services, study_uid))
+    finally:
+        services.close()
+    if done.summary is not None and done.state is StudyState.DONE:
+        _print_summary(done.summary)
+        return
+    _fail(f"study {study_uid} {done.state.value}: {done.reason}", 1)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    typer.echo(f"study {summary.study_uid}: done (run {summary.run_id})")
+    typer.echo(f"  instances: {summary.instances}")
+    notable = ", ".join(f"{f.label} {f.probability:.2f}" for f in summary.findings) or "none"
+    typer.echo(f"  findings >= 0.5: {notable}")
+    typer.echo(f"  s3: {summary.s3_prefix}")
+    typer.echo(f"  report: {summary.report_first_line or '(no report)'}")
+
+
+@app.command("model-server")
+def model_server(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    latency_ms: Annotated[int, typer.Option(help="Added latency per model call.")] = 0,
+) -> None:
+    """The reference model server: NOT a medical model, a stand-in for demos and tests."""
+    logconf.configure("auto", "info")
+    modelserver.serve_forever(host, port, latency_ms)
+
+
+@app.command()
+def check(config_path: ConfigOpt = None) -> None:
+    """Reach every dependency and report each OK/FAIL; non-zero if any fails."""
+    from cxr_daemon.checks import run_checks  # noqa: PLC0415 - command-specific module
+
+    cfg = _load(config_path)
+    raise typer.Exit(run_checks(cfg))
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the sandbox's files after exit.")] = False,
+) -> None:
+    """Local sandbox: real Orthanc + local S3 + reference model server, sample CXRs."""
+    from cxr_daemon.demo import run_demo  # noqa: PLC0415 - pulls in the sandbox
+
+    raise typer.Exit(run_demo(keep=keep))
+
+
+@app.command()
+def backfill(
+    since: Annotated[str, typer.Option(help="First StudyDate, YYYY-MM-DD.")],
+    until: Annotated[str | None, typer.Option(help="Last StudyDate, YYYY-MM-DD.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print what would be queued.")] = False,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Queue every CR/DX study in a StudyDate range that cxrd has never processed."""
+    from cxr_daemon.backfill import run_backfill  # noqa: PLC0415
+
+    cfg = _load(config_path)
+    raise typer.Exit(run_backfill(cfg, since, until, dry_run=dry_run))
 
 
 @db_app.command("migrate")

@@ -145,14 +145,17 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    # Not a TOML key: a directory through which tests pause a step (see gate.py).
+    # Not TOML keys, from the environment: a directory through which tests
+    # pause a step (see gate.py), and systemd's notify socket and watchdog.
     test_gate_dir: str = ""
+    notify_socket: str = ""
+    watchdog_usec: int = 0
 
 
 SECTIONS: dict[str, type[Any]] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name not in ("path", "test_gate_dir")
+    if f.name not in ("path", "test_gate_dir", "notify_socket", "watchdog_usec")
 }
 
 
@@ -198,7 +201,18 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         sections["inference"] = dataclasses.replace(
             sections["inference"], region=sections["s3"].region
         )
-    return Config(path=path, test_gate_dir=os.environ.get("CXRD_TEST_GATE_DIR", ""), **sections)
+    return Config(
+        path=path,
+        test_gate_dir=os.environ.get("CXRD_TEST_GATE_DIR", ""),
+        notify_socket=os.environ.get("NOTIFY_SOCKET", ""),
+        watchdog_usec=_int_env("WATCHDOG_USEC"),
+        **sections,
+    )
+
+
+def _int_env(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0
 
 
 def _section(cls: type[Any], name: str, table: dict[str, Any], path: Path) -> Any:

@@ -7,7 +7,7 @@ structured log, so a slow step is visible in journald and in S3 alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +29,7 @@ class RunJournal:
     trigger: str
     started: datetime = field(default_factory=utcnow)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    on_step: Callable[[str, float], None] = lambda _step, _seconds: None
 
     @contextmanager
     def step(self, name: str, sop_uid: str = "") -> Iterator[None]:
@@ -48,6 +49,7 @@ class RunJournal:
             entry["end"] = utcnow().isoformat()
             entry["duration_s"] = round(time.perf_counter() - began, 4)
             self.steps.append(entry)
+            self.on_step(name, entry["duration_s"])
             log.debug("step_finished", **{k: v for k, v in entry.items() if k != "start"})
 
     def durations(self) -> dict[str, float]:

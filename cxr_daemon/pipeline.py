@@ -122,7 +122,9 @@ class Pipeline:
             return RunSummary(study.study_uid, None, RunOutcome.DONE, "unchanged since last run")
         layout = StudyLayout(study.study_uid)
         run_id = self.ports.store.start_run(study.study_uid, trigger, self.versions)
-        journal = RunJournal(run_id, study.study_uid, trigger.value)
+        journal = RunJournal(
+            run_id, study.study_uid, trigger.value, on_step=self.ports.metrics.step_observed
+        )
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             try:
                 results = self._run(study, selected, layout, journal, digest)

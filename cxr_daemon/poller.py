@@ -8,7 +8,7 @@ import structlog
 
 from cxr_daemon.domain import Change, ChangeType, StudyRef
 from cxr_daemon.errors import InvalidUidError, SkipStudyError
-from cxr_daemon.ports import Orthanc, Store
+from cxr_daemon.ports import Metrics, NullMetrics, Orthanc, Store
 
 log = structlog.get_logger(__name__)
 
@@ -16,11 +16,19 @@ log = structlog.get_logger(__name__)
 class Poller:
     """Reads the feed from the stored checkpoint and queues the studies it announces."""
 
-    def __init__(self, orthanc: Orthanc, store: Store, page_size: int, start_from: str) -> None:
+    def __init__(
+        self,
+        orthanc: Orthanc,
+        store: Store,
+        page_size: int,
+        start_from: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.orthanc = orthanc
         self.store = store
         self.page_size = page_size
         self.start_from = start_from
+        self.metrics = metrics or NullMetrics()
 
     def prime(self) -> int:
         """On first start, set the checkpoint per ``orthanc.start_from``; return it."""
@@ -51,6 +59,7 @@ class Poller:
         stable = self._refs(c for c in page.changes if c.change_type == ChangeType.STABLE_STUDY)
         waiting = self._refs(c for c in page.changes if c.change_type == ChangeType.NEW_STUDY)
         self.store.record_feed_page(stable, waiting, page.last)
+        self.metrics.poll_succeeded()
         if page.changes:
             log.info(
                 "feed_page_recorded",

@@ -7,7 +7,7 @@ an adapter never lets an SDK exception (requests, botocore, pymysql) through.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -340,6 +340,39 @@ class StepGate(Protocol):
         ...
 
 
+class Metrics(Protocol):
+    """What the core reports for monitoring; the Prometheus adapter implements it.
+
+    Gauges that are cheap to read from the source (feed lag, queue sizes) are
+    read at scrape time by the adapter, not pushed from here.
+    """
+
+    def poll_succeeded(self) -> None:
+        """A /changes page was read and recorded."""
+        ...
+
+    def study_finished(self, state: str) -> None:
+        """A study left ``running`` for ``state``."""
+        ...
+
+    def step_observed(self, step: str, seconds: float) -> None:
+        """A pipeline step (download, render, archive, segment, ...) took ``seconds``."""
+        ...
+
+
+class NullMetrics:
+    """Metrics off: every observation is dropped."""
+
+    def poll_succeeded(self) -> None:
+        """Drop."""
+
+    def study_finished(self, state: str) -> None:
+        """Drop."""
+
+    def step_observed(self, step: str, seconds: float) -> None:
+        """Drop."""
+
+
 @dataclass(frozen=True)
 class Ports:
     """Everything the pipeline talks to, built by bootstrap (or by tests from fakes)."""
@@ -351,3 +384,4 @@ class Ports:
     classification: ModelEndpoint
     reporter: Reporter
     gate: StepGate
+    metrics: Metrics = field(default_factory=NullMetrics)

@@ -18,9 +18,9 @@ from cxr_daemon.errors import (
     SkipStudyError,
     TransientError,
 )
-from cxr_daemon.pipeline import Pipeline
+from cxr_daemon.pipeline import Pipeline, RunSummary
 from cxr_daemon.poller import Poller
-from cxr_daemon.ports import Store
+from cxr_daemon.ports import Metrics, NullMetrics, Store
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +40,15 @@ class RetryRule:
         return now + timedelta(seconds=delays[min(attempts, len(delays)) - 1])
 
 
+@dataclass(frozen=True)
+class Processed:
+    """The state a study was left in, why, and the run summary when one completed."""
+
+    state: StudyState
+    reason: str
+    summary: RunSummary | None
+
+
 class Worker:
     """Processes queued studies one at a time."""
 
@@ -49,11 +58,13 @@ class Worker:
         pipeline: Pipeline,
         retry: RetryRule,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.pipeline = pipeline
         self.retry = retry
         self.clock = clock
+        self.metrics = metrics or NullMetrics()
 
     def step(self) -> bool:
         """Claim and process one due study; return False when none is due."""
@@ -63,13 +74,14 @@ class Worker:
         self.process(queued, Trigger.FEED)
         return True
 
-    def process(self, queued: QueuedStudy, trigger: Trigger) -> tuple[StudyState, str]:
+    def process(self, queued: QueuedStudy, trigger: Trigger) -> Processed:
         """Run the pipeline on a claimed study and store its new state.
 
         Raises:
             ConfigError: fatal; the study is handed back untouched first.
         """
         started = time.monotonic()
+        summary: RunSummary | None = None
         with structlog.contextvars.bound_contextvars(study_uid=queued.study_uid):
             try:
                 summary = self.pipeline.process(queued, trigger)
@@ -86,7 +98,8 @@ class Worker:
             except Exception as exc:
                 log.exception("study_crashed")
                 state, reason = self._retry_state(queued, f"unexpected error: {exc!r}")
-            return self._finish(queued, state, reason, started)
+            stored = self._finish(queued, state, reason, started)
+        return Processed(stored, reason, summary)
 
     def _retry_state(self, queued: QueuedStudy, reason: str) -> tuple[StudyState, str]:
         if self.retry.next_attempt(queued.attempts, self.clock()) is None:
@@ -95,13 +108,14 @@ class Worker:
 
     def _finish(
         self, queued: QueuedStudy, state: StudyState, reason: str, started: float
-    ) -> tuple[StudyState, str]:
+    ) -> StudyState:
         next_at = (
             self.retry.next_attempt(queued.attempts, self.clock())
             if state is StudyState.PENDING
             else None
         )
         stored = self.store.finish_study(queued.study_uid, state, reason, next_at)
+        self.metrics.study_finished(stored.value)
         log.info(
             "study_finished",
             state=stored.value,
@@ -110,7 +124,7 @@ class Worker:
             next_attempt_at=next_at.isoformat() if next_at else None,
             duration_s=round(time.monotonic() - started, 3),
         )
-        return stored, reason
+        return stored
 
 
 class Daemon:
