@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_daemon import modelserver
+from cxr_daemon.adapters.bedrock import TemplateReporter
 from cxr_daemon.domain import (
     Change,
     ChangesPage,
@@ -25,6 +26,7 @@ from cxr_daemon.domain import (
     StudyInfo,
 )
 from cxr_daemon.errors import CxrdError, StudyGoneError
+from cxr_daemon.ports import ReportRecord, ReportRequest
 from cxr_daemon.sandbox.phantom import write_chest_phantom
 
 
@@ -209,3 +211,20 @@ class FakeModel:
     def ping(self) -> str:
         """In service."""
         return f"fake {self.name}"
+
+
+@dataclass
+class RecordingReporter:
+    """The template reporter, keeping every request it was given (to look for PHI)."""
+
+    requests: list[ReportRequest] = field(default_factory=list)
+    prompt_hash: str = "template_v1"
+
+    def draft(self, request: ReportRequest) -> ReportRecord | None:
+        """Record, then draft from the template."""
+        self.requests.append(request)
+        return TemplateReporter().draft(request)
+
+    def ping(self) -> str:
+        """Always ready."""
+        return "recording reporter"

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from cxr_daemon import logconf
-from cxr_daemon.adapters.bedrock import TemplateReporter
 from cxr_daemon.adapters.db import SqlStore
 from cxr_daemon.adapters.gate import NoGate
 from cxr_daemon.domain import FilterRule
@@ -16,7 +15,7 @@ from cxr_daemon.pipeline import Pipeline
 from cxr_daemon.poller import Poller
 from cxr_daemon.ports import Ports, RunVersions
 from cxr_daemon.worker import RetryRule, Worker
-from tests.fakes import FakeModel, FakeObjectStore, FakeOrthanc
+from tests.fakes import FakeModel, FakeObjectStore, FakeOrthanc, RecordingReporter
 
 logconf.cache_loggers = False  # capture_logs must see module-level loggers
 
@@ -52,7 +51,7 @@ def ports(orthanc: FakeOrthanc, store: SqlStore, bucket: FakeObjectStore) -> Por
         objects=bucket,
         segmentation=FakeModel("segmentation"),
         classification=FakeModel("classification"),
-        reporter=TemplateReporter(),
+        reporter=RecordingReporter(),
         gate=NoGate(),
     )
 

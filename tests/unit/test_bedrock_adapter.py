@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from botocore.stub import Stubber
@@ -24,6 +22,7 @@ from cxr_daemon.adapters.retry import RetryPolicy
 from cxr_daemon.config import ReportConfig
 from cxr_daemon.errors import ConfigError, PermanentError, TransientError
 from cxr_daemon.ports import FindingRecord, Reporter, ReportRecord, ReportRequest
+from tests.support.converse import FakeConverse
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -198,40 +197,10 @@ def test_template_comments_are_not_sent() -> None:
 # -- a local fake Bedrock (endpoint_url) --------------------------------------------
 
 
-class _FakeBedrock(BaseHTTPRequestHandler):
-    """``POST /model/{id}/converse``: records each request body, answers ``status``."""
-
-    protocol_version = "HTTP/1.1"
-    status = 200
-    bodies: ClassVar[list[bytes]] = []
-
-    def do_POST(self) -> None:
-        type(self).bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.status == 200:
-            out = json.dumps(ANSWER).encode()
-        else:
-            out = json.dumps({"message": "Service unavailable"}).encode()
-        self.send_response(self.status)
-        self.send_header("Content-Type", "application/json")
-        if self.status != 200:
-            self.send_header("x-amzn-ErrorType", "ServiceUnavailableException")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 @pytest.fixture
-def fake_bedrock() -> Iterator[tuple[str, type[_FakeBedrock]]]:
-    handler = type("Handler", (_FakeBedrock,), {"bodies": []})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    srv.shutdown()
-    srv.server_close()
+def fake_bedrock() -> Iterator[FakeConverse]:
+    with FakeConverse(ANSWER) as fake:
+        yield fake
 
 
 def _keys(value: object) -> set[str]:
@@ -243,10 +212,10 @@ def _keys(value: object) -> set[str]:
 
 
 def test_request_on_the_wire_has_findings_and_no_phi(
-    fake_bedrock: tuple[str, type[_FakeBedrock]],
+    fake_bedrock: FakeConverse,
 ) -> None:
     """The exact HTTP body has only Converse fields, the findings, and no UID or patient field."""
-    url, handler = fake_bedrock
+    url, handler = fake_bedrock.url, fake_bedrock
     reporter = BedrockReporter(ReportConfig(model_id=MODEL, endpoint_url=url), policy())
     assert reporter.draft(REQUEST).text.startswith("FINDINGS:")
     (raw,) = handler.bodies
@@ -271,10 +240,10 @@ def test_request_on_the_wire_has_findings_and_no_phi(
 
 
 def test_unavailable_bedrock_makes_exactly_the_policy_attempts(
-    fake_bedrock: tuple[str, type[_FakeBedrock]],
+    fake_bedrock: FakeConverse,
 ) -> None:
     """A Bedrock that always answers 503 sees exactly 3 requests."""
-    url, handler = fake_bedrock
+    url, handler = fake_bedrock.url, fake_bedrock
     handler.status = 503
     reporter = BedrockReporter(ReportConfig(model_id=MODEL, endpoint_url=url), policy())
     with pytest.raises(TransientError, match="ServiceUnavailableException"):
