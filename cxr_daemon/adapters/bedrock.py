@@ -161,6 +161,11 @@ class BedrockReporter:
         """Draft a report for ``request`` (errors as ``Reporter.draft``)."""
         args = self._request(self._template.render(request), self._cfg.max_tokens)
         response = self._converse(DRAFT_STEP, args)
+        if response.get("stopReason") == "guardrail_intervened":
+            # The text is then the guardrail's canned message, not a report.
+            raise PermanentError(
+                f"{DRAFT_STEP}: the Bedrock guardrail blocked the draft report", step=DRAFT_STEP
+            )
         usage = response.get("usage", {})
         return ReportRecord(
             text=_answer_text(response),

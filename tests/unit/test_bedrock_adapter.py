@@ -297,3 +297,12 @@ def test_no_reporter_drafts_nothing() -> None:
 def test_build_reporter_follows_the_backend(backend: str, kind: type) -> None:
     """build_reporter returns the reporter report.backend names."""
     assert isinstance(build_reporter(ReportConfig(backend=backend), policy()), kind)
+
+
+def test_guardrail_intervention_fails_instead_of_storing_the_canned_text() -> None:
+    """stopReason guardrail_intervened is a permanent failure, not a report."""
+    blocked = {**ANSWER, "stopReason": "guardrail_intervened"}
+    with FakeConverse(blocked) as fake:
+        cfg = ReportConfig(backend="bedrock", model_id=MODEL, endpoint_url=fake.url)
+        with pytest.raises(PermanentError, match="guardrail blocked"):
+            BedrockReporter(cfg, policy()).draft(REQUEST)
