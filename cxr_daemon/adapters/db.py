@@ -22,6 +22,7 @@ from cxr_daemon.errors import ConfigError
 from cxr_daemon.ports import RunResults, RunRow, RunVersions, StudyRow
 
 TERMINAL = (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED)
+POISON_FACTOR = 3  # interruptions tolerated per study, as a multiple of max_attempts
 
 
 def _ts(value: datetime) -> str:
@@ -99,7 +100,7 @@ class SqlStore:
         now = _ts(utcnow())
         with self.db.transaction() as cur:
             for ref in waiting:
-                self._insert_study(cur, ref, StudyState.WAITING, now)
+                self._wait(cur, ref, now)
             for ref in stable:
                 self._queue(cur, ref, now)
             cur.execute(self.db.sql("DELETE FROM checkpoint WHERE id = 1"))
@@ -117,6 +118,24 @@ class SqlStore:
             (ref.study_uid, ref.orthanc_id, state.value, now, now, now),
         )
         return bool(cur.rowcount)
+
+    def _wait(self, cur: Any, ref: StudyRef, now: str) -> None:
+        """Note a NewStudy: a new row waits; so does a finished one (deleted and sent again).
+
+        A queued or running study is left alone: its StableStudy (or the
+        stability check) queues it again. ``queued_at`` of a waiting row is
+        when it started waiting, which the stability check measures from.
+        """
+        if self._insert_study(cur, ref, StudyState.WAITING, now):
+            return
+        cur.execute(
+            self.db.sql(
+                "UPDATE studies SET state = 'waiting', orthanc_id = ?, attempts = 0, "
+                "next_attempt_at = NULL, queued_at = ?, updated_at = ? "
+                "WHERE study_uid = ? AND state IN ('done', 'skipped', 'failed')"
+            ),
+            (ref.orthanc_id, now, now, ref.study_uid),
+        )
 
     def _queue(self, cur: Any, ref: StudyRef, now: str) -> None:
         """Make ``ref`` pending; a running study is flagged to run again afterwards."""
@@ -139,27 +158,60 @@ class SqlStore:
                 (ref.orthanc_id, now, now, ref.study_uid),
             )
 
+    def queue_studies(self, refs: Sequence[StudyRef]) -> None:
+        """Make each study pending as a StableStudy would (backfill); the checkpoint stays."""
+        now = _ts(utcnow())
+        with self.db.transaction(write=True) as cur:
+            for ref in refs:
+                self._queue(cur, ref, now)
+
+    # -- waiting (NewStudy seen, no StableStudy yet) --------------------------
+
+    def waiting_older_than(self, cutoff: datetime, limit: int) -> list[StudyRef]:
+        """Studies waiting since before ``cutoff``, oldest first (index on state, queued_at)."""
+        rows = self._all(
+            "SELECT study_uid, orthanc_id FROM studies WHERE state = 'waiting' "
+            "AND queued_at <= ? ORDER BY queued_at LIMIT ?",
+            (_ts(cutoff), limit),
+        )
+        return [StudyRef(study_uid=r[0], orthanc_id=r[1]) for r in rows]
+
+    def promote_waiting(self, study_uid: str) -> bool:
+        """Waiting -> pending, keeping its place in line (``queued_at``); False if not waiting."""
+        return self._update(
+            "UPDATE studies SET state = 'pending', attempts = 0, next_attempt_at = NULL, "
+            "updated_at = ? WHERE study_uid = ? AND state = 'waiting'",
+            (_ts(utcnow()), study_uid),
+        )
+
+    def skip_waiting(self, study_uid: str, reason: str) -> bool:
+        """Waiting -> skipped with ``reason``; False if it is no longer waiting."""
+        return self._update(
+            "UPDATE studies SET state = 'skipped', last_error = ?, updated_at = ? "
+            "WHERE study_uid = ? AND state = 'waiting'",
+            (reason, _ts(utcnow()), study_uid),
+        )
+
+    def oldest_waiting(self) -> datetime | None:
+        """Since when the longest-waiting study has waited, or None."""
+        row = self._one("SELECT MIN(queued_at) FROM studies WHERE state = 'waiting'")
+        return _dt(row[0]) if row else None
+
     # -- queue --------------------------------------------------------------
 
     def reclaim_running(self, max_attempts: int) -> int:
-        """Hand back rows a dead process left ``running``; fail those out of attempts."""
+        """Hand back rows a dead process left ``running``; return how many went back.
+
+        A kill from outside (OOM killer, reboot, SIGKILL) is not the study's
+        fault, so the interrupted attempt is not counted and the study goes to
+        the back of the queue, letting the others through. A study whose runs
+        were interrupted ``3 * max_attempts`` times is taken to be what kills
+        the process and is failed, so one poison study cannot crash-loop the
+        service for ever.
+        """
         now = _ts(utcnow())
-        with self.db.transaction() as cur:
-            cur.execute(
-                self.db.sql(
-                    "UPDATE studies SET state = 'failed', updated_at = ?, last_error = "
-                    "'interrupted on every attempt (the process died while processing it)' "
-                    "WHERE state = 'running' AND attempts >= ?"
-                ),
-                (now, max_attempts),
-            )
-            cur.execute(
-                self.db.sql(
-                    "UPDATE studies SET state = 'pending', updated_at = ? WHERE state = 'running'"
-                ),
-                (now,),
-            )
-            reclaimed = int(cur.rowcount)
+        limit = POISON_FACTOR * max_attempts
+        with self.db.transaction(write=True) as cur:
             cur.execute(
                 self.db.sql(
                     "UPDATE runs SET outcome = 'interrupted', finished_at = ?, "
@@ -167,7 +219,27 @@ class SqlStore:
                 ),
                 (now,),
             )
-        return reclaimed
+            cur.execute(
+                "SELECT s.study_uid, (SELECT COUNT(*) FROM runs r WHERE r.study_uid = s.study_uid "
+                "AND r.outcome = 'interrupted') FROM studies s WHERE s.state = 'running'"
+            )
+            running = list(cur.fetchall())
+            for study_uid, interruptions in running:
+                if int(interruptions) >= limit:
+                    sql = (
+                        "UPDATE studies SET state = 'failed', updated_at = ?, last_error = ? "
+                        "WHERE study_uid = ?"
+                    )
+                    reason = f"the process died {interruptions} times while processing this study"
+                    cur.execute(self.db.sql(sql), (now, reason, study_uid))
+                else:
+                    sql = (
+                        "UPDATE studies SET state = 'pending', attempts = CASE WHEN attempts > 0 "
+                        "THEN attempts - 1 ELSE 0 END, queued_at = ?, updated_at = ? "
+                        "WHERE study_uid = ?"
+                    )
+                    cur.execute(self.db.sql(sql), (now, now, study_uid))
+        return sum(1 for _, n in running if int(n) < limit)
 
     def claim(self, now: datetime) -> QueuedStudy | None:
         """Take the oldest due pending study, mark it running and count an attempt."""
@@ -431,6 +503,12 @@ class SqlStore:
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> None:
         with self.db.transaction(write=True) as cur:
             cur.execute(self.db.sql(sql), tuple(args))
+
+    def _update(self, sql: str, args: Sequence[Any] = ()) -> bool:
+        """Run one UPDATE; True when it changed a row."""
+        with self.db.transaction(write=True) as cur:
+            cur.execute(self.db.sql(sql), tuple(args))
+            return bool(cur.rowcount)
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Any] | None:
         with self.db.transaction() as cur:

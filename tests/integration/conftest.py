@@ -139,3 +139,12 @@ def model_server() -> Iterator[str]:
 
     with ModelServer() as server:
         yield server.url
+
+
+@pytest.fixture
+def model() -> Iterator[object]:
+    """A reference model server of this test alone, whose faults the test may arm."""
+    from cxr_daemon.modelserver import ModelServer  # noqa: PLC0415
+
+    with ModelServer() as server:
+        yield server

@@ -131,6 +131,14 @@ class DaemonProcess:
             )
         return line
 
+    def wait_for_lines(self, count: int, timeout: float = 60) -> None:
+        """Block until ``count`` log lines were written or the process ended."""
+        with self.changed:
+            if not self.changed.wait_for(
+                lambda: len(self.lines) >= count or self.proc.poll() is not None, timeout
+            ):
+                raise TimeoutError(f"fewer than {count} log lines in {timeout} s")
+
     def output(self) -> str:
         """Everything logged so far."""
         with self.changed:

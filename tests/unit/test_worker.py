@@ -174,19 +174,38 @@ def test_reclaim_hands_back_running_rows_and_interrupts_their_runs(
     assert state(store, study.study_uid) is StudyState.DONE
 
 
-def test_reclaim_fails_a_study_that_was_interrupted_on_every_attempt(
+def test_reclaim_does_not_count_the_interrupted_attempt_and_requeues_at_the_back(
     poller: Poller, orthanc: FakeOrthanc, store: SqlStore
 ) -> None:
-    """A study that keeps killing the process is failed after max_attempts, not looped."""
-    study = make_study(10)
+    """An outside kill costs no attempt, and the others go first after the restart."""
+    first, second = make_study(10), make_study(11)
+    queue(orthanc, poller, first, second)
+    claimed = store.claim(datetime.now(UTC))
+    assert claimed is not None
+    assert claimed.study_uid == first.study_uid
+    store.reclaim_running(max_attempts=5)
+    row = store.study_row(first.study_uid)
+    assert row is not None
+    assert (row.state, row.attempts) == (StudyState.PENDING, 0)
+    nxt = store.claim(datetime.now(UTC))
+    assert nxt is not None
+    assert nxt.study_uid == second.study_uid
+
+
+def test_reclaim_fails_a_study_that_keeps_killing_the_process(
+    poller: Poller, orthanc: FakeOrthanc, store: SqlStore
+) -> None:
+    """A study whose runs were interrupted 3 x max_attempts times is failed, not looped."""
+    study = make_study(12)
     queue(orthanc, poller, study)
-    for _ in range(2):
+    for _ in range(6):
         assert store.claim(datetime.now(UTC)) is not None
+        store.start_run(study.study_uid, Trigger.FEED, RunVersions(code="t"))
         store.reclaim_running(max_attempts=2)
     row = store.study_row(study.study_uid)
     assert row is not None
     assert row.state is StudyState.FAILED
-    assert "interrupted" in row.reason
+    assert "died 6 times while processing this study" in row.reason
 
 
 def test_retry_rule_uses_last_backoff_for_later_attempts() -> None:
