@@ -218,11 +218,18 @@ def check(config_path: ConfigOpt = None) -> None:
 @app.command()
 def demo(
     keep: Annotated[bool, typer.Option(help="Keep the sandbox's files after exit.")] = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Work in this new or empty directory (implies --keep)."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Give up after this many seconds of processing.")
+    ] = 180.0,
 ) -> None:
     """Local sandbox: real Orthanc + local S3 + reference model server, sample CXRs."""
     from cxr_daemon.demo import run_demo  # noqa: PLC0415 - pulls in the sandbox
 
-    raise typer.Exit(run_demo(keep=keep))
+    raise typer.Exit(run_demo(keep=keep, workdir=workdir, timeout_s=timeout))
 
 
 @app.command()
