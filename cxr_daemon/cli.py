@@ -21,6 +21,7 @@ import structlog
 import typer
 
 from cxr_daemon import __version__, bootstrap, config, logconf, modelserver
+from cxr_daemon.backfill import build_housekeeping
 from cxr_daemon.domain import StudyState
 from cxr_daemon.errors import ConfigError, CxrdError
 from cxr_daemon.pipeline import RunSummary
@@ -116,6 +117,8 @@ def run(
             stop,
             cfg.orthanc.poll_interval_s,
             heartbeat=notifier.watchdog,
+            housekeeping=build_housekeeping(cfg, services.orthanc, services.store),
+            workers=cfg.pipeline.workers,
         )
         daemon.run(once=once)
 

@@ -42,6 +42,10 @@ class OrthancConfig:
     poll_interval_s: float = field(default=2.0, metadata={"min": 0})
     page_size: int = field(default=100, metadata=_positive())
     start_from: str = field(default="now", metadata=_choice("now", "beginning"))
+    # Orthanc's own StableAge (its REST API does not expose it, so it is told here).
+    stable_age_s: float = field(default=60.0, metadata={"min": 0})
+    # A study still waiting this long past StableAge is looked up (its StableStudy was lost).
+    stable_margin_s: float = field(default=30.0, metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """``[sweep]``: a periodic ``/tools/find`` over recent StudyDates (off by default)."""
+
+    enabled: bool = False
+    days: int = field(default=7, metadata=_positive())
+    interval_s: float = field(default=3600.0, metadata={"min": 60})
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, one frozen value."""
 
@@ -145,6 +158,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Not TOML keys, from the environment: a directory through which tests
     # pause a step (see gate.py), and systemd's notify socket and watchdog.
     test_gate_dir: str = ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +53,19 @@ class Orthanc(Protocol):
 
     def find_study(self, study_uid: str) -> str | None:
         """The Orthanc id of a StudyInstanceUID, or None when Orthanc lacks it."""
+        ...
+
+    def find_studies(
+        self, date_from: date, date_to: date, modalities: Sequence[str]
+    ) -> list[StudyRef]:
+        """Stable studies with a StudyDate in [date_from, date_to] and a series of ``modalities``.
+
+        A study still being received (``IsStable`` false) is left out: the feed
+        announces it. The UIDs are as Orthanc holds them, not yet validated.
+
+        Raises:
+            TransientError, ConfigError, PermanentError: as ``changes``.
+        """
         ...
 
     def instance_tags(self, orthanc_id: str) -> Mapping[str, str]:
@@ -180,6 +193,26 @@ class Store(Protocol):
         """In one transaction: queue ``stable`` (pending), note ``waiting``, move the checkpoint."""
         ...
 
+    def waiting_older_than(self, cutoff: datetime, limit: int) -> list[StudyRef]:
+        """Up to ``limit`` studies ``waiting`` since before ``cutoff``, oldest first."""
+        ...
+
+    def promote_waiting(self, study_uid: str) -> bool:
+        """Make a ``waiting`` study ``pending`` as its StableStudy would; False if not waiting."""
+        ...
+
+    def skip_waiting(self, study_uid: str, reason: str) -> bool:
+        """End a ``waiting`` study as ``skipped`` with ``reason``; False if not waiting."""
+        ...
+
+    def oldest_waiting(self) -> datetime | None:
+        """Since when the longest-waiting study has waited (UTC), or None when none waits."""
+        ...
+
+    def queue_studies(self, refs: Sequence[StudyRef]) -> None:
+        """Make each study ``pending`` as a StableStudy would, without moving the checkpoint."""
+        ...
+
     def reclaim_running(self, max_attempts: int) -> int:
         """Hand rows left ``running`` by a dead process back to ``pending``; return how many.
 
@@ -212,6 +245,10 @@ class Store(Protocol):
 
     def release(self, study_uid: str) -> None:
         """Hand a claimed study back to ``pending`` without counting an attempt."""
+        ...
+
+    def interrupt_runs(self, study_uid: str) -> bool:
+        """Close the study's runs left ``running`` as ``interrupted``; True if there was one."""
         ...
 
     def last_done_hash(self, study_uid: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cxr_daemon.domain import utcnow
 from cxr_daemon.errors import ConfigError, CxrdError
 from cxr_daemon.ports import Orthanc, Store
 
@@ -11,7 +12,7 @@ FAILURES_SHOWN = 10
 
 
 def summary(store: Store, orthanc: Orthanc) -> dict[str, Any]:
-    """Checkpoint, Orthanc's last change, lag, counts by state, recent failures.
+    """Checkpoint, Orthanc's last change, lag, counts by state, oldest wait, recent failures.
 
     Orthanc being unreachable is reported in the data (``orthanc_error``),
     not raised: status is what an operator runs when something is down.
@@ -27,6 +28,11 @@ def summary(store: Store, orthanc: Orthanc) -> dict[str, Any]:
     if data["orthanc_last"] is not None and checkpoint is not None:
         data["lag"] = max(data["orthanc_last"] - checkpoint, 0)
     data["counts"] = store.counts()
+    oldest = store.oldest_waiting()
+    # Seen (NewStudy) but not yet stable: large values mean StableStudy changes are lost.
+    data["oldest_waiting_s"] = (
+        round(max((utcnow() - oldest).total_seconds(), 0.0), 1) if oldest else None
+    )
     data["failures"] = [
         {"study_uid": f.study_uid, "attempts": f.attempts, "reason": f.reason}
         for f in store.failures(FAILURES_SHOWN)

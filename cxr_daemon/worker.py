@@ -20,6 +20,7 @@ from cxr_daemon.errors import (
 )
 from cxr_daemon.pipeline import Pipeline, RunSummary
 from cxr_daemon.poller import Poller
+from cxr_daemon.pool import WorkerPool
 from cxr_daemon.ports import Metrics, NullMetrics, Store
 
 log = structlog.get_logger(__name__)
@@ -65,9 +66,18 @@ class Worker:
         self.retry = retry
         self.clock = clock
         self.metrics = metrics or NullMetrics()
+        # Outcomes the database was not there to take (it went away mid-study):
+        # recorded before anything else is claimed, so no study stays `running`.
+        self.unrecorded: list[tuple[QueuedStudy, StudyState, str]] = []
+        self.unrecorded_lock = threading.Lock()
 
     def step(self) -> bool:
-        """Claim and process one due study; return False when none is due."""
+        """Claim and process one due study; return False when none is due.
+
+        Raises:
+            TransientError: the database is unreachable (nothing was claimed).
+        """
+        self._record_unrecorded()
         queued = self.store.claim(self.clock())
         if queued is None:
             return False
@@ -101,6 +111,29 @@ class Worker:
             stored = self._finish(queued, state, reason, started)
         return Processed(stored, reason, summary)
 
+    def _record_unrecorded(self) -> None:
+        """Store the outcomes a database outage kept from being stored.
+
+        A run the outage left open is closed as interrupted; a study whose
+        outcome was "done" is handed back to the queue instead, since its run
+        was not recorded: the next attempt makes the one done run.
+        """
+        while True:
+            with self.unrecorded_lock:
+                if not self.unrecorded:
+                    return
+                queued, state, reason = self.unrecorded[0]
+            self.store.interrupt_runs(queued.study_uid)
+            if state is StudyState.DONE:
+                self.store.release(queued.study_uid)
+            else:
+                next_at = self.retry.next_attempt(queued.attempts, self.clock())
+                due = next_at if state is StudyState.PENDING else None
+                self.store.finish_study(queued.study_uid, state, reason, due)
+            log.info("study_state_recorded_late", study_uid=queued.study_uid, state=state.value)
+            with self.unrecorded_lock:
+                self.unrecorded.pop(0)
+
     def _retry_state(self, queued: QueuedStudy, reason: str) -> tuple[StudyState, str]:
         if self.retry.next_attempt(queued.attempts, self.clock()) is None:
             return StudyState.FAILED, f"gave up after {queued.attempts} attempts: {reason}"
@@ -114,7 +147,13 @@ class Worker:
             if state is StudyState.PENDING
             else None
         )
-        stored = self.store.finish_study(queued.study_uid, state, reason, next_at)
+        try:
+            stored = self.store.finish_study(queued.study_uid, state, reason, next_at)
+        except TransientError as exc:
+            log.warning("study_state_not_recorded", state=state.value, error=str(exc))
+            with self.unrecorded_lock:
+                self.unrecorded.append((queued, state, reason))
+            raise
         self.metrics.study_finished(stored.value)
         log.info(
             "study_finished",
@@ -128,22 +167,35 @@ class Worker:
 
 
 class Daemon:
-    """The main loop: read the feed, work the queue, idle, until stopped."""
+    """The main loop: read the feed, run due housekeeping, work the queue, idle, until stopped.
 
-    def __init__(
+    ``housekeeping`` are periodic tasks (the stability check, the sweep): each
+    call runs the task if its own schedule says it is due and returns True when
+    it queued a study. They run whenever the feed is drained, before the next
+    claim, so a long queue does not starve them; each runs first at start-up,
+    once the feed's backlog has been recorded (so ``--once`` sees what it holds).
+    """
+
+    def __init__(  # noqa: PLR0913 - the loop's collaborators, each injected (tests pass fakes)
         self,
         poller: Poller,
         worker: Worker,
         stop: threading.Event,
         poll_interval_s: float,
         heartbeat: Callable[[], None] = lambda: None,
+        *,
+        housekeeping: Sequence[Callable[[], bool]] = (),
+        workers: int = 1,
     ) -> None:
         self.poller = poller
         self.worker = worker
         self.stop = stop
         self.poll_interval_s = poll_interval_s
         self.heartbeat = heartbeat
+        self.housekeeping = tuple(housekeeping)
         self.failures = 0
+        # One worker runs in this loop; more run in a pool of threads beside it.
+        self.pool = WorkerPool(worker.step, workers, stop, poll_interval_s) if workers > 1 else None
 
     def run(self, *, once: bool = False) -> None:
         """Loop until stopped (or, with ``once``, until feed and queue are drained).
@@ -152,10 +204,13 @@ class Daemon:
             ConfigError: fatal, the daemon must stop.
             CxrdError: with ``once``, an error that left the feed unread.
         """
+        if self.pool is not None:
+            self._run_pooled(once=once)
+            return
         while not self.stop.is_set():
             self.heartbeat()
             try:
-                busy = self.poller.step() or self.worker.step()
+                busy = self.poller.step() or self._housekeeping() or self.worker.step()
                 self.failures = 0
             except ConfigError:
                 raise
@@ -168,6 +223,42 @@ class Daemon:
                 if once:
                     return
                 self.stop.wait(self.poll_interval_s)
+
+    def _run_pooled(self, *, once: bool) -> None:
+        """The feed and housekeeping here; claiming and processing in the pool."""
+        assert self.pool is not None  # noqa: S101 - only called with a pool
+        if once:
+            while not self.stop.is_set() and (self.poller.step() or self._housekeeping()):
+                self.heartbeat()
+            self.pool.start(drain=True)
+            self.pool.join()
+            return
+        self.pool.start()
+        try:
+            while not self.stop.is_set():
+                self.heartbeat()
+                try:
+                    busy = self.poller.step() or self._housekeeping()
+                    self.failures = 0
+                except ConfigError:
+                    raise
+                except CxrdError as exc:
+                    self._back_off(exc)
+                    continue
+                if busy:
+                    self.pool.wake()
+                else:
+                    self.stop.wait(self.poll_interval_s)
+        finally:
+            self.pool.halt()
+            self.pool.join()
+
+    def _housekeeping(self) -> bool:
+        """Run every due periodic task; True when one of them queued a study."""
+        queued = False
+        for task in self.housekeeping:
+            queued = task() or queued
+        return queued
 
     def _back_off(self, exc: CxrdError) -> None:
         """Wait longer after each consecutive failure (capped), interruptible by stop."""

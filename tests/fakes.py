@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from cxr_daemon.domain import (
     InstanceInfo,
     SeriesInfo,
     StudyInfo,
+    StudyRef,
 )
 from cxr_daemon.errors import CxrdError, StudyGoneError
 from cxr_daemon.ports import ReportRecord, ReportRequest
@@ -40,6 +42,7 @@ class FakeOrthanc:
     seq: int = 0
     calls: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+    study_dates: dict[str, date] = field(default_factory=dict)
 
     def add_change(self, change_type: str, orthanc_id: str, resource: str = "Study") -> int:
         """Append a change; return its seq."""
@@ -126,6 +129,25 @@ class FakeOrthanc:
     def ping(self) -> str:
         """Always up."""
         return "fake Orthanc"
+
+    def set_study_date(self, orthanc_id: str, day: date) -> None:
+        """Give a stored study a StudyDate (studies without one never match find_studies)."""
+        self.study_dates[orthanc_id] = day
+
+    def find_studies(
+        self, date_from: date, date_to: date, modalities: Sequence[str]
+    ) -> list[StudyRef]:
+        """Stable studies dated in the range with a series of one of ``modalities``."""
+        self._maybe_fail("find")
+        wanted = {m.upper() for m in modalities}
+        return [
+            StudyRef(study.study_uid, study.orthanc_id)
+            for study in self.studies.values()
+            if study.is_stable
+            and study.orthanc_id in self.study_dates
+            and date_from <= self.study_dates[study.orthanc_id] <= date_to
+            and (not wanted or any(s.modality.upper() in wanted for s in study.series))
+        ]
 
 
 def make_study(

@@ -332,6 +332,15 @@ class SqlStore:
 
     # -- runs ---------------------------------------------------------------
 
+    def interrupt_runs(self, study_uid: str) -> bool:
+        """Close the study's runs left running (an outage cut them short) as interrupted."""
+        return self._update(
+            "UPDATE runs SET outcome = 'interrupted', finished_at = ?, "
+            "reason = 'the database went away before the run was recorded' "
+            "WHERE study_uid = ? AND outcome = 'running'",
+            (_ts(utcnow()), study_uid),
+        )
+
     def last_done_hash(self, study_uid: str) -> str | None:
         """Instance-set hash of the study's most recent done run."""
         row = self._one(

@@ -10,7 +10,9 @@ Error mapping, in one place (``_raise_for``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ from cxr_daemon.domain import (
     InstanceInfo,
     SeriesInfo,
     StudyInfo,
+    StudyRef,
     validate_uid,
 )
 from cxr_daemon.errors import (
@@ -91,6 +94,31 @@ class OrthancClient:
             if isinstance(item, dict) and item.get("Type") == "Study":
                 return str(item["ID"])
         return None
+
+    def find_studies(
+        self, date_from: date, date_to: date, modalities: Sequence[str]
+    ) -> list[StudyRef]:
+        """``POST /tools/find`` on StudyDate and ModalitiesInStudy; stable studies only.
+
+        Orthanc (1.10 included) matches ``ModalitiesInStudy`` against the
+        Modality of each series, a backslash separating the values.
+        """
+        query: dict[str, str] = {"StudyDate": f"{date_from:%Y%m%d}-{date_to:%Y%m%d}"}
+        if modalities:
+            query["ModalitiesInStudy"] = "\\".join(modalities)
+        body = {"Level": "Study", "Query": query, "Expand": True}
+        found = self._json("find", "/tools/find", data=json.dumps(body))
+        if not isinstance(found, list):
+            raise PermanentError("Orthanc /tools/find did not answer a list", step="find")
+        refs = []
+        for study in found:
+            ref = StudyRef(
+                study_uid=_field(study, "MainDicomTags", "StudyInstanceUID"),
+                orthanc_id=_field(study, "ID"),
+            )
+            if study.get("IsStable", True):
+                refs.append(ref)
+        return refs
 
     def instance_tags(self, orthanc_id: str) -> Mapping[str, str]:
         """Simplified tags of one instance (only string values are kept)."""

@@ -149,3 +149,37 @@ def test_model_error_424_fails_at_once_and_reprocess_succeeds_after(
     assert again.returncode == 0, again.stderr[-2000:]
     assert state_of(mysql_url, uid)[0] is StudyState.DONE  # type: ignore[index]
     assert runs_of(mysql_url, uid) == ["failed", "done"]
+
+
+def test_mariadb_down_while_a_study_runs(
+    orthanc: OrthancProcess, private_mariadb: Any, s3_server: str, bucket: str,
+    model_server: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """MariaDB stopped while a study is in the pipeline: the daemon keeps running, and once
+    the database is back the study ends done with exactly one done run."""
+    with private_mariadb.connect() as conn, conn.cursor() as cur:
+        cur.execute("CREATE DATABASE cxrd")
+    url = private_mariadb.url.rstrip("/") + "/cxrd"
+    config = write_config(tmp_path / "cxrd.toml", orthanc, url, s3_endpoint=s3_server,
+                          bucket=bucket, model_url=model_server)  # fmt: skip
+    assert cxrd("db", "migrate", config=config).returncode == 0
+    uid = send_cxr(orthanc, tmp_path, "db")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "block-record").touch()
+    daemon = DaemonProcess(config, env={"CXRD_TEST_GATE_DIR": str(gate)})
+    try:
+        daemon.wait_for_log("test_gate_holding")
+        private_mariadb.stop()
+        (gate / "block-record").unlink()
+        daemon.wait_for_log("study_state_not_recorded")
+        daemon.wait_for_log('"loop_error"')
+        assert daemon.proc.poll() is None
+        private_mariadb.start()
+        wait_for_state(url, uid, StudyState.DONE)
+        outcomes = runs_of(url, uid)
+        assert outcomes.count("done") == 1, outcomes
+        assert "running" not in outcomes
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0, daemon.output()

@@ -168,3 +168,83 @@ def test_timestamps_round_trip_as_utc(store: SqlStore) -> None:
     assert run.finished_at is not None
     assert run.finished_at >= run.started_at
     assert abs((run.started_at - datetime.now(UTC)).total_seconds()) < 120
+
+
+def test_waiting_older_than_is_oldest_first_bounded_by_cutoff_and_limit(store: SqlStore) -> None:
+    """Only rows waiting since before the cutoff come back, oldest first, at most `limit`."""
+    store.record_feed_page([], refs(1), 1)
+    store.record_feed_page([], refs(2), 2)
+    store.record_feed_page(refs(3), [], 3)  # pending, never returned
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    future = datetime.now(UTC) + timedelta(minutes=5)
+    assert store.waiting_older_than(past, 10) == []
+    assert store.waiting_older_than(future, 10) == refs(1, 2)
+    assert store.waiting_older_than(future, 1) == refs(1)
+
+
+def test_promote_waiting_queues_it_once_keeping_its_place(store: SqlStore) -> None:
+    """A promoted waiting row is claimed before later-queued ones; promoting twice is a no-op."""
+    store.record_feed_page([], refs(1), 1)
+    store.record_feed_page(refs(2), [], 2)
+    assert store.promote_waiting("1.2.3.1") is True
+    assert store.promote_waiting("1.2.3.1") is False
+    assert store.promote_waiting("1.2.3.404") is False
+    first = store.claim(datetime.now(UTC))
+    assert first is not None
+    assert first.study_uid == "1.2.3.1"
+    assert store.promote_waiting("1.2.3.1") is False  # running is never touched
+
+
+def test_skip_waiting_records_the_reason_only_for_waiting_rows(store: SqlStore) -> None:
+    """skip_waiting ends a waiting row skipped with its reason; a pending row is left alone."""
+    store.record_feed_page(refs(2), refs(1), 1)
+    assert store.skip_waiting("1.2.3.1", "deleted from Orthanc before it became stable") is True
+    assert store.skip_waiting("1.2.3.2", "x") is False
+    row = store.study_row("1.2.3.1")
+    assert row is not None
+    assert (row.state, row.reason) == (
+        StudyState.SKIPPED,
+        "deleted from Orthanc before it became stable",
+    )
+    pending = store.study_row("1.2.3.2")
+    assert pending is not None
+    assert pending.state is StudyState.PENDING
+
+
+def test_oldest_waiting_is_the_longest_wait_or_none(store: SqlStore) -> None:
+    """oldest_waiting is None with nothing waiting, else the first waiting row's time (UTC)."""
+    assert store.oldest_waiting() is None
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    store.record_feed_page([], refs(1), 1)
+    store.record_feed_page([], refs(2), 2)
+    oldest = store.oldest_waiting()
+    assert oldest is not None
+    assert oldest.tzinfo is not None
+    assert before <= oldest <= datetime.now(UTC) + timedelta(seconds=1)
+    store.promote_waiting("1.2.3.1")
+    store.promote_waiting("1.2.3.2")
+    assert store.oldest_waiting() is None
+
+
+def test_queue_studies_queues_new_and_finished_keeps_checkpoint(store: SqlStore) -> None:
+    """queue_studies makes new and done studies pending, flags running ones; checkpoint unmoved."""
+    store.record_feed_page(refs(1, 2), [], 7)
+    done = store.claim(datetime.now(UTC))
+    assert done is not None
+    store.finish_study(done.study_uid, StudyState.DONE)
+    running = store.claim(datetime.now(UTC))
+    assert running is not None
+    store.queue_studies(refs(1, 2, 3))
+    assert store.checkpoint() == 7
+    assert (store.counts()["pending"], store.counts()["running"]) == (2, 1)
+    assert store.finish_study(running.study_uid, StudyState.DONE) is StudyState.PENDING
+
+
+def test_new_study_for_a_finished_study_makes_it_wait_again(store: SqlStore) -> None:
+    """A NewStudy for a done/skipped study (deleted and sent again) waits again; pending stays."""
+    store.record_feed_page(refs(1), refs(2), 1)
+    store.skip_waiting("1.2.3.2", "deleted")
+    store.record_feed_page([], refs(1, 2), 2)
+    states = {uid: store.study_row(uid).state for uid in ("1.2.3.1", "1.2.3.2")}  # type: ignore[union-attr]
+    assert states == {"1.2.3.1": StudyState.PENDING, "1.2.3.2": StudyState.WAITING}
+    assert store.waiting_older_than(datetime.now(UTC) + timedelta(seconds=1), 10) == refs(2)
