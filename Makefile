@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk mariadb-server
+DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk mariadb-server systemd
 PYTEST_ARGS ?=
 
 .PHONY: test unit integration demo bench lint typecheck deps venv clean
@@ -23,7 +23,7 @@ demo: deps venv  ## local sandbox: sample CXRs through the whole pipeline
 	$(BIN)/cxrd demo
 
 bench: deps venv  ## benchmarks, writes bench/results.json
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check cxr_daemon tests

@@ -26,7 +26,6 @@ from cxr_daemon.domain import StudyState
 from cxr_daemon.errors import ConfigError, CxrdError
 from cxr_daemon.pipeline import RunSummary
 from cxr_daemon.reprocess import reprocess_study
-from cxr_daemon.sdnotify import Notifier
 from cxr_daemon.status import study_status, summary
 from cxr_daemon.worker import Daemon
 
@@ -97,7 +96,7 @@ def run(
     _install_signals(stop)
     services = _guarded(lambda: bootstrap.build(cfg, stop))
 
-    notifier = Notifier(cfg.notify_socket, cfg.watchdog_usec)
+    notifier = services.notifier
 
     def body() -> None:
         services.store.require_current_schema()

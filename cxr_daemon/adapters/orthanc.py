@@ -213,7 +213,12 @@ def _raise_for(status: int, path: str, step: str) -> None:
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).split("(Caused by")[0].strip()[:200]
+    """The innermost cause ("Connection refused"), not urllib3's wrapping of it."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    text = str(cause).split("(Caused by")[0].strip()
+    return text.rsplit(": ", 1)[-1][:200] if ": " in text else text[:200]
 
 
 def _field(obj: Any, *keys: str) -> str:

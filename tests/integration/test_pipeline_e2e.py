@@ -30,8 +30,9 @@ SHARED_CXRS = [
 
 
 def study_uids_in_orthanc(orthanc: OrthancProcess) -> list[str]:
-    answer = requests.get(f"{orthanc.url}/studies", params={"expand": ""}, auth=orthanc.auth,
-                          timeout=10)
+    answer = requests.get(
+        f"{orthanc.url}/studies", params={"expand": ""}, auth=orthanc.auth, timeout=10
+    )
     answer.raise_for_status()
     return [s["MainDicomTags"]["StudyInstanceUID"] for s in answer.json()]
 
@@ -63,8 +64,14 @@ def test_every_shared_cxr_is_processed_into_the_layout_and_reprocess_adds_a_run(
     uids = study_uids_in_orthanc(orthanc)
     assert len(uids) == len(files)
     wait_until_stable(orthanc.url, orthanc.auth, uids, timeout_s=60)
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=s3_server,
-                          bucket=bucket, model_url=model_server)
+    config = write_config(
+        tmp_path / "cxrd.toml",
+        orthanc,
+        mysql_url,
+        s3_endpoint=s3_server,
+        bucket=bucket,
+        model_url=model_server,
+    )
     assert cxrd("db", "migrate", config=config).returncode == 0
     run = cxrd("run", "--once", config=config)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -119,7 +126,7 @@ def _print_step_timings(stderr: str) -> None:
         if '"run_steps"' in line:
             for step, seconds in json.loads(line)["durations_s"].items():
                 totals[step] = totals.get(step, 0.0) + seconds
-    print("step timings (s, summed over studies):", json.dumps(totals))  # noqa: T201
+    print("step timings (s, summed over studies):", json.dumps(totals))
 
 
 def test_reprocess_of_unknown_or_invalid_study_fails_with_a_reason(
@@ -151,8 +158,15 @@ def test_no_phi_in_logs_or_bedrock_request(
     with FakeConverse() as bedrock:
         extra = (f'[report]\nbackend = "bedrock"\nendpoint_url = "{bedrock.url}"\n'
                  'region = "us-east-1"\n')  # fmt: skip
-        config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=s3_server,
-                              bucket=bucket, model_url=model_server, extra=extra)
+        config = write_config(
+            tmp_path / "cxrd.toml",
+            orthanc,
+            mysql_url,
+            s3_endpoint=s3_server,
+            bucket=bucket,
+            model_url=model_server,
+            extra=extra,
+        )
         # Debug level: library loggers (botocore, urllib3) talk the most there.
         config.write_text(
             config.read_text()
