@@ -230,3 +230,15 @@ class StudyLayout:
     def log(self, started: datetime) -> str:
         """The run's log, named by its UTC start."""
         return f"{self.root}/metadata/log_{started.astimezone(UTC):%Y%m%dT%H%M%SZ}.json"
+
+
+RECONNECT_CAP_S = 30.0
+
+
+def reconnect_delay(base_s: float, failures: int) -> float:
+    """Wait before trying a dependency again after ``failures`` failures in a row.
+
+    Doubles from ``base_s`` and stops at 30 s, so a long outage is retried
+    twice a minute and a short one is noticed within a few seconds.
+    """
+    return min(max(base_s, 0.1) * 2 ** min(failures, 10), RECONNECT_CAP_S)

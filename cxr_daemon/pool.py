@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import structlog
 
+from cxr_daemon.domain import reconnect_delay
 from cxr_daemon.errors import ConfigError, CxrdError
 
 log = structlog.get_logger(__name__)
-MAX_BACKOFF_S = 60.0
 
 
 class WorkerPool:
@@ -83,7 +83,7 @@ class WorkerPool:
                 return
             except CxrdError as exc:  # the database is away: back off, then try again
                 failures += 1
-                delay = min(self.idle_s * 2**failures, MAX_BACKOFF_S) or 1.0
+                delay = reconnect_delay(self.idle_s, failures)
                 log.warning("worker_error", error=str(exc), retry_in_s=delay)
                 self.stop.wait(delay)
                 continue

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from cxr_daemon.domain import QueuedStudy, StudyState, Trigger, utcnow
+from cxr_daemon.domain import QueuedStudy, StudyState, Trigger, reconnect_delay, utcnow
 from cxr_daemon.errors import (
     ConfigError,
     CxrdError,
@@ -263,6 +263,6 @@ class Daemon:
     def _back_off(self, exc: CxrdError) -> None:
         """Wait longer after each consecutive failure (capped), interruptible by stop."""
         self.failures += 1
-        delay = min(self.poll_interval_s * 2 ** min(self.failures, 6), 60.0) or 1.0
+        delay = reconnect_delay(self.poll_interval_s, self.failures)
         log.warning("loop_error", error=str(exc), step=exc.step, retry_in_s=delay)
         self.stop.wait(delay)

@@ -26,6 +26,7 @@ from cxr_daemon.domain import (
     SeriesInfo,
     StudyInfo,
     StudyRef,
+    validate_uid,
 )
 from cxr_daemon.errors import CxrdError, StudyGoneError
 from cxr_daemon.ports import ReportRecord, ReportRequest
@@ -83,8 +84,8 @@ class FakeOrthanc:
         return self.studies[orthanc_id]
 
     def study_uid(self, orthanc_id: str) -> str:
-        """The study's UID."""
-        return self.study(orthanc_id).study_uid
+        """The study's UID, validated as the real adapter does."""
+        return validate_uid(self.study(orthanc_id).study_uid, "StudyInstanceUID")
 
     def find_study(self, study_uid: str) -> str | None:
         """Orthanc id by UID."""

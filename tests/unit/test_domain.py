@@ -76,3 +76,12 @@ def test_instance_set_hash_ignores_order() -> None:
     """The hash depends on the set, not on the order Orthanc lists instances in."""
     assert instance_set_hash(["1.2", "1.3"]) == instance_set_hash(["1.3", "1.2"])
     assert instance_set_hash(["1.2"]) != instance_set_hash(["1.2", "1.3"])
+
+
+def test_reconnect_delay_doubles_and_is_capped() -> None:
+    """Back-off after failures in a row doubles from the poll interval and stops at 30 s."""
+    from cxr_daemon.domain import reconnect_delay  # noqa: PLC0415
+
+    assert [reconnect_delay(1.0, n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
+    assert reconnect_delay(2.0, 50) == 30.0
+    assert reconnect_delay(0.0, 1) > 0

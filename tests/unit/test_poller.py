@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from structlog.testing import capture_logs
 
@@ -73,6 +75,7 @@ def test_last_below_checkpoint_rewinds_to_zero_loudly(
     drain(poller)
     assert store.counts()["pending"] == 1
     assert store.checkpoint() == orthanc.seq
+    assert store.counts()["pending"] == 1
 
 
 def test_start_from_now_skips_history(orthanc: FakeOrthanc, store: SqlStore) -> None:
@@ -105,5 +108,22 @@ def test_study_deleted_before_lookup_is_dropped_not_blocking(
     del orthanc.studies["study-1"]
     poller.prime()
     drain(poller)
+    assert store.checkpoint() == orthanc.seq
+    assert store.counts()["pending"] == 1
+    assert store.counts()["pending"] == 1
+
+
+def test_study_with_an_invalid_uid_is_rejected_with_a_reason_and_the_page_commits(
+    poller: Poller, orthanc: FakeOrthanc, store: SqlStore
+) -> None:
+    """A StudyInstanceUID with path characters is logged as rejected; the feed moves on."""
+    orthanc.add_study(dataclasses.replace(make_study(1), study_uid="1.2/../3"))
+    orthanc.add_study(make_study(2))
+    poller.prime()
+    with capture_logs() as logs:
+        drain(poller)
+    rejected = [e for e in logs if e["event"] == "study_rejected"]
+    assert rejected
+    assert "not a DICOM UID" in rejected[0]["reason"]
     assert store.checkpoint() == orthanc.seq
     assert store.counts()["pending"] == 1
