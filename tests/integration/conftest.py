@@ -148,3 +148,18 @@ def model() -> Iterator[object]:
 
     with ModelServer() as server:
         yield server
+
+
+@pytest.fixture
+def sandbox_config(
+    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model_server: str,
+    tmp_path: Path,
+) -> Path:  # fmt: skip
+    """A migrated cxrd config on the real sandbox: Orthanc, MariaDB, local S3, model server."""
+    from tests.support.daemon import cxrd, write_config  # noqa: PLC0415
+
+    path = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=s3_server,
+                        bucket=bucket, model_url=model_server)  # fmt: skip
+    migrated = cxrd("db", "migrate", config=path)
+    assert migrated.returncode == 0, migrated.stderr
+    return path

@@ -38,29 +38,6 @@ def failed(lines: dict[str, tuple[str, str]]) -> list[str]:
     return [name for name, (status, _) in lines.items() if status != "OK"]
 
 
-@pytest.fixture
-def sandbox_config(
-    orthanc: OrthancProcess,
-    mysql_url: str,
-    s3_server: str,
-    bucket: str,
-    model_server: str,
-    tmp_path: Path,
-) -> Path:
-    """A migrated config on the real sandbox: Orthanc, MariaDB, local S3, model server."""
-    path = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        mysql_url,
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model_server,
-    )
-    migrated = cxrd("db", "migrate", config=path)
-    assert migrated.returncode == 0, migrated.stderr
-    return path
-
-
 def test_all_dependencies_up_exits_zero(sandbox_config: Path, s3_server: str, bucket: str) -> None:
     """Every dependency answers: six OK lines, exit 0, and the S3 probe object is gone."""
     done, lines = check(sandbox_config)

@@ -14,7 +14,7 @@ from cxr_daemon.domain import StudyState
 from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom, write_non_cxr
-from tests.support.daemon import DaemonProcess, cxrd, write_config
+from tests.support.daemon import DaemonProcess, cxrd
 
 pytestmark = pytest.mark.integration
 
@@ -33,26 +33,9 @@ def send_and_wait(orthanc: OrthancProcess, files: list[Path], uids: list[str]) -
 
 
 @pytest.fixture
-def config(
-    orthanc: OrthancProcess,
-    mysql_url: str,
-    s3_server: str,
-    bucket: str,
-    model_server: str,
-    tmp_path: Path,
-) -> Path:
-    """A migrated cxrd config on the real sandbox: Orthanc, MariaDB, local S3, model server."""
-    path = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        mysql_url,
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model_server,
-    )
-    migrated = cxrd("db", "migrate", config=path)
-    assert migrated.returncode == 0, migrated.stderr
-    return path
+def config(sandbox_config: Path) -> Path:
+    """The migrated sandbox config (see conftest)."""
+    return sandbox_config
 
 
 def five_studies(tmp: Path) -> tuple[list[Path], dict[str, str]]:
