@@ -241,4 +241,4 @@ def reconnect_delay(base_s: float, failures: int) -> float:
     Doubles from ``base_s`` and stops at 30 s, so a long outage is retried
     twice a minute and a short one is noticed within a few seconds.
     """
-    return min(max(base_s, 0.1) * 2 ** min(failures, 10), RECONNECT_CAP_S)
+    return float(min(max(base_s, 0.1) * 2.0 ** min(failures, 10), RECONNECT_CAP_S))

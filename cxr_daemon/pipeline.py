@@ -13,9 +13,12 @@ exception, if any, goes on to the worker, which sets the queue state by kind.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +102,7 @@ class Pipeline:
         self.rule = rule
         self.versions = versions
         self.max_side = max_side
+        self.render_slot = threading.BoundedSemaphore(1)
 
     def process(self, queued: QueuedStudy, trigger: Trigger) -> RunSummary:
         """Process ``queued``; return the run's summary.
@@ -189,7 +193,10 @@ class Pipeline:
         dicom_path = tmp / f"{sop}.dcm"
         with journal.step("download", sop):
             self.ports.orthanc.download_instance(inst.orthanc_id, dicom_path)
-        with journal.step("render", sop):
+        # One full-size image at a time across workers: the JPEG 2000 / JPEG
+        # Lossless decoders hold the GIL anyway, and a cap keeps peak memory at
+        # one decoded image however many studies are in flight.
+        with journal.step("render", sop), self.render_slot:
             pixels, rendering, view = self._render(inst, dicom_path)
             jpg = imaging.encode_jpeg(pixels)
             png, size = imaging.model_input_png(pixels, self.max_side)
@@ -198,18 +205,30 @@ class Pipeline:
             self.ports.objects.put(layout.jpg(sop), jpg, "image/jpeg", meta)
             self.ports.objects.put(layout.dcm(sop), dicom_path, "application/dicom", meta)
         dicom_path.unlink()
-        with journal.step("segment", sop):
-            mask = self.ports.segmentation.invoke(png, "image/png", "image/png")
-            modelio.check_mask(mask, size)
-            self.ports.objects.put(layout.mask(sop), mask, "image/png", meta)
-        with journal.step("classify", sop):
-            answer = self.ports.classification.invoke(png, "image/png", JSON)
-            model, findings = modelio.parse_classification(answer, size, sop)
+        # Both models take the same input: ask them at once, so a study waits
+        # for the slower of the two calls rather than their sum. The copied
+        # context keeps study_uid/run_id on the classification's log lines.
+        with ThreadPoolExecutor(1, thread_name_prefix="classify") as classifier:
+            classified = classifier.submit(
+                contextvars.copy_context().run, self._classify, png, size, sop, journal
+            )
+            with journal.step("segment", sop):
+                mask = self.ports.segmentation.invoke(png, "image/png", "image/png")
+                modelio.check_mask(mask, size)
+                self.ports.objects.put(layout.mask(sop), mask, "image/png", meta)
+            model, findings = classified.result()
         record = InstanceRecord(
             sop, inst.series_uid, view, rendering, size[0], size[1],
             layout.jpg(sop), layout.dcm(sop), layout.mask(sop),
         )  # fmt: skip
         return ImageResult(record, model, findings)
+
+    def _classify(
+        self, png: bytes, size: tuple[int, int], sop: str, journal: RunJournal
+    ) -> tuple[str, list[FindingRecord]]:
+        with journal.step("classify", sop):
+            answer = self.ports.classification.invoke(png, "image/png", JSON)
+            return modelio.parse_classification(answer, size, sop)
 
     def _render(self, inst: InstanceInfo, path: Path) -> tuple[np.ndarray, str, str]:
         """8-bit pixels, how they were made ("pydicom" | "orthanc"), and the view."""

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 WATCHDOG_S = 2.0
-MODEL_LATENCY_S = 1.2  # each of the two model calls: a study takes longer than the watchdog
+MODEL_LATENCY_S = 1.2  # per model call; two images in turn: a study outlasts the watchdog
 
 
 class SystemdStandIn:
@@ -104,8 +104,12 @@ def test_ready_watchdog_through_a_study_then_stopping(
             systemd.wait_for("READY=1", timeout=60)
             systemd.wait_for("WATCHDOG=1", timeout=10)
             uid = str(new_uid())
-            dicom = write_chest_phantom(tmp_path / "one.dcm", study_uid=uid, rows=256, cols=256)
-            send_files([dicom], host="127.0.0.1", port=orthanc.dicom_port)
+            views = [
+                write_chest_phantom(tmp_path / f"{view}.dcm", study_uid=uid, view_position=view,
+                                    rows=256, cols=256)
+                for view in ("PA", "LL")
+            ]  # fmt: skip
+            send_files(views, host="127.0.0.1", port=orthanc.dicom_port)
             wait_until_stable(orthanc.url, orthanc.auth, [uid], timeout_s=60)
             finished = json.loads(daemon.wait_for_log('"study_finished"', timeout=120))
             assert finished["state"] == "done", daemon.output()
