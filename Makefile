@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: test unit integration demo bench lint typecheck deps venv clean
 
-test: deps venv  ## everything: unit + integration tests against real servers
+test: deps venv  ## everything: lint, unit + integration tests against real servers
+	$(BIN)/ruff check cxr_daemon tests bench
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: venv  ## fast tests, fakes only
