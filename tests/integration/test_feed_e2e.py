@@ -14,7 +14,7 @@ from cxr_daemon.domain import StudyState
 from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom, write_non_cxr
-from tests.support.daemon import DaemonProcess, cxrd
+from tests.support.daemon import cxrd, held_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -125,12 +125,8 @@ def test_sigkill_while_running_is_reclaimed_and_done_exactly_once(
 ) -> None:
     """A daemon killed with SIGKILL mid-study leaves it running; the restart finishes it once."""
     uid = _one_cxr(orthanc, tmp_path)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    (gate / "block-record").touch()
-    daemon = DaemonProcess(config, env={"CXRD_TEST_GATE_DIR": str(gate)})
-    daemon.wait_for_log("test_gate_holding")
-    assert (gate / "at-record").read_text() == uid
+    daemon, block = held_daemon(config, tmp_path)
+    assert (block.parent / "at-record").read_text() == uid
     daemon.proc.send_signal(signal.SIGKILL)
     assert daemon.proc.wait(30) == -signal.SIGKILL
 
@@ -157,13 +153,9 @@ def test_sigterm_finishes_the_study_in_hand_and_exits_0(
 ) -> None:
     """First SIGTERM: stop claiming, finish the held study, commit, exit 0."""
     uid = _one_cxr(orthanc, tmp_path)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    (gate / "block-record").touch()
-    daemon = DaemonProcess(config, env={"CXRD_TEST_GATE_DIR": str(gate)})
-    daemon.wait_for_log("test_gate_holding")
+    daemon, block = held_daemon(config, tmp_path)
     daemon.proc.send_signal(signal.SIGTERM)
-    (gate / "block-record").unlink()  # the study in hand may now finish
+    block.unlink()  # the study in hand may now finish
     assert daemon.proc.wait(30) == 0, daemon.output()
     store = SqlStore(mysql_url)
     try:
@@ -180,11 +172,7 @@ def test_second_signal_exits_at_once(
 ) -> None:
     """A second SIGTERM while the study in hand is still held exits non-zero immediately."""
     _one_cxr(orthanc, tmp_path)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    (gate / "block-record").touch()
-    daemon = DaemonProcess(config, env={"CXRD_TEST_GATE_DIR": str(gate)})
-    daemon.wait_for_log("test_gate_holding")
+    daemon, _ = held_daemon(config, tmp_path)
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.wait_for_log("shutdown_requested")  # standard signals coalesce: one at a time
     daemon.proc.send_signal(signal.SIGTERM)

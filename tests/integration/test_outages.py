@@ -14,7 +14,7 @@ from cxr_daemon.domain import StudyState
 from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom
-from tests.support.daemon import DaemonProcess, cxrd, write_config
+from tests.support.daemon import DaemonProcess, cxrd, held_daemon, write_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.wait import wait_until
 
@@ -170,14 +170,10 @@ def test_mariadb_down_while_a_study_runs(
                           bucket=bucket, model_url=model_server)  # fmt: skip
     assert cxrd("db", "migrate", config=config).returncode == 0
     uid = send_cxr(orthanc, tmp_path, "db")
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    (gate / "block-record").touch()
-    daemon = DaemonProcess(config, env={"CXRD_TEST_GATE_DIR": str(gate)})
+    daemon, block = held_daemon(config, tmp_path)
     try:
-        daemon.wait_for_log("test_gate_holding")
         private_mariadb.stop()
-        (gate / "block-record").unlink()
+        block.unlink()
         daemon.wait_for_log("study_state_not_recorded")
         daemon.wait_for_log('"loop_error"')
         assert daemon.proc.poll() is None

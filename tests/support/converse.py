@@ -7,9 +7,11 @@ tests can read exactly what would have left the site.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
+
+from tests.support.httpserver import local_http_server
 
 ANSWER: dict[str, Any] = {
     "output": {
@@ -50,18 +52,13 @@ class FakeConverse:
             def log_message(self, *_: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        """http://127.0.0.1:PORT."""
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.handler = Handler
+        self.stack = ExitStack()
+        self.url = ""
 
     def __enter__(self) -> Self:
-        self.thread.start()
+        self.url = self.stack.enter_context(local_http_server(self.handler))
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.stack.close()

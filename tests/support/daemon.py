@@ -151,3 +151,17 @@ class DaemonProcess:
         code = self.proc.wait(timeout)
         self.reader.join(timeout)
         return code
+
+
+def held_daemon(config: Path, workdir: Path, step: str = "record") -> tuple[DaemonProcess, Path]:
+    """`cxrd run` holding its first study at ``step``; returns it and the file that holds it.
+
+    Removing the returned file lets the study go on (see cxr_daemon/adapters/gate.py).
+    """
+    gate = workdir / "gate"
+    gate.mkdir()
+    block = gate / f"block-{step}"
+    block.touch()
+    daemon = DaemonProcess(config, env={"CXRD_TEST_GATE_DIR": str(gate)})
+    daemon.wait_for_log("test_gate_holding")
+    return daemon, block

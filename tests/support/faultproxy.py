@@ -7,10 +7,13 @@ under trouble, without touching moto itself.
 from __future__ import annotations
 
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler
 from typing import Self
 
 import requests
+
+from tests.support.httpserver import local_http_server
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 S3_500 = (
@@ -59,8 +62,9 @@ class FaultProxy:
             def log_message(self, *_: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.handler = Handler
+        self.stack = ExitStack()
+        self.url = ""
 
     def take_fault(self) -> bool:
         """Consume one armed fault; False means forward."""
@@ -77,15 +81,9 @@ class FaultProxy:
         with self.lock:
             self.fail_remaining = count
 
-    @property
-    def url(self) -> str:
-        """http://127.0.0.1:PORT."""
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
     def __enter__(self) -> Self:
-        self.thread.start()
+        self.url = self.stack.enter_context(local_http_server(self.handler))
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.stack.close()

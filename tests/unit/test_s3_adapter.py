@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -26,6 +25,7 @@ from cxr_daemon.adapters.s3 import S3_ERRORS, S3ObjectStore, make_s3_client
 from cxr_daemon.config import S3Config
 from cxr_daemon.errors import ConfigError, PermanentError, TransientError
 from cxr_daemon.ports import ObjectStore
+from tests.support.httpserver import local_http_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -325,12 +325,8 @@ class _AlwaysSlowDown(BaseHTTPRequestHandler):
 @pytest.fixture
 def slowdown_server() -> Iterator[tuple[str, type[_AlwaysSlowDown]]]:
     handler = type("Handler", (_AlwaysSlowDown,), {"hits": 0})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
+    with local_http_server(handler) as url:
+        yield url, handler
 
 
 def test_slowdown_makes_exactly_the_policy_attempts(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, ClassVar
 
 import boto3
@@ -29,6 +28,7 @@ from cxr_daemon.adapters.sagemaker import (
 from cxr_daemon.config import InferenceConfig
 from cxr_daemon.errors import ConfigError, PermanentError, TransientError
 from cxr_daemon.ports import ModelEndpoint
+from tests.support.httpserver import local_http_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -357,12 +357,8 @@ class _Server(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Server]]]:
     handler = type("Handler", (_Server,), {"hits": 0})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    srv.shutdown()
-    srv.server_close()
+    with local_http_server(handler) as url:
+        yield url, handler
 
 
 def test_http_503_makes_exactly_the_policy_attempts(server: tuple[str, type[_Server]]) -> None:
