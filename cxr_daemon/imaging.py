@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 
 import numpy as np
 import pydicom
+import structlog
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError as PydicomReadError
@@ -24,6 +25,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from cxr_daemon import decoding
 from cxr_daemon.errors import InvalidDicomError, UndecodablePixelDataError
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
     Floats: TypeAlias = npt.NDArray[np.float32]
     Indices: TypeAlias = npt.NDArray[np.unsignedinteger]  # stored values as table indices
+
+log = structlog.get_logger(__name__)
 
 MAX_SIDE: Final = 16384
 """Largest Rows or Columns accepted; a 43 cm detector at 0.1 mm is ~4300."""
@@ -206,10 +210,17 @@ def _decode(ds: Dataset) -> npt.NDArray[np.integer]:
         InvalidDicomError: no decoder could decode it, or it is not the declared shape.
     """
     syntax = _transfer_syntax(ds)
+    frame = None
+    if decoding.handles(syntax):
+        try:
+            frame = decoding.decode_frame(ds, syntax)
+        except RuntimeError as exc:  # the codec's own errors; pydicom may still manage
+            log.info("decode_fallback_pydicom", transfer_syntax=syntax.name, reason=_brief(exc))
     try:
         # pydicom.pixels.pixel_array does what ds.pixel_array does, without caching
         # a second copy of the frame on the data set for as long as it lives.
-        frame = pixel_array(ds, index=0)
+        if frame is None:
+            frame = pixel_array(ds, index=0)
     except _PYDICOM_ERRORS as exc:
         # The header passed every check: no local decoder handles this stream,
         # so Orthanc's own renderer is worth a try (the pipeline's fallback).

@@ -40,7 +40,7 @@ ODD_OUTCOMES = {
     "openrem_DX-RDSR-Canon_CXDI.dcm": "no PixelData in this X-Ray Radiation Dose SR Storage",
     "orthanc_HelloWorld.pdf": "not a DICOM file: no 'DICM' preamble",
     "orthanc_Issue56-NoPixelData.dcm": "no PixelData in this Digital X-Ray Image Storage",
-    "orthanc_MR1_JPLY_jpeg_extended.dcm": "cannot decode JPEG Extended (Process 2 and 4) (1.2.840",
+    "orthanc_MR1_JPLY_jpeg_extended.dcm": RENDERS,  # 12-bit JPEG: libjpeg-turbo (imagecodecs)
     "orthanc_PR000000_GSPS.dcm": "no PixelData in this Grayscale Softcopy Presentation State",
     "orthanc_SR_IM0.dcm": "no PixelData in this Basic Text SR Storage",
     "orthanc_oob-monochrome-65535.dcm": "Rows 65535 outside 1..16384",

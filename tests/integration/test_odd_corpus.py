@@ -101,7 +101,7 @@ DISGUISED: dict[str, tuple[str, str]] = {
     "pydicomdata_emri_small_RLE.dcm": ("failed", "frames"),
     "orthanc_SR_IM0.dcm": ("failed", "PixelData"),
     "pydicom_badVR.dcm": ("failed", ""),
-    "orthanc_MR1_JPLY_jpeg_extended.dcm": ("done", ""),  # Orthanc renders what pylibjpeg cannot
+    "orthanc_MR1_JPLY_jpeg_extended.dcm": ("done", ""),  # 12-bit JPEG: imagecodecs decodes it
 }
 
 
