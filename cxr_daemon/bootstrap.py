@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ def build(cfg: Config, stop: threading.Event | None = None) -> App:
         FilterRule(modalities=cfg.filter.modalities, body_parts=cfg.filter.body_parts),
         RunVersions(code=__version__, prompt_hash=reporter.prompt_hash),
         max_side=cfg.inference.max_side,
+        render_slots=min(cfg.pipeline.workers, os.cpu_count() or 1),
     )
     poller = Poller(orthanc, store, cfg.orthanc.page_size, cfg.orthanc.start_from, metrics=metrics)
     retry = RetryRule(cfg.pipeline.max_attempts, cfg.pipeline.retry_backoff_s)

@@ -2,7 +2,10 @@
 
 lookup -> select the chest X-ray images -> per image: download (to a temporary
 file), render to 8-bit (Orthanc's ``/rendered`` when no local decoder can),
-archive JPEG + DICOM, segment, classify -> result.json -> report -> run log.
+archive JPEG + DICOM, then segment and classify at once -> result.json ->
+report -> run log. Images go to the models one after the other; the next
+image is prepared (downloaded, rendered, archived) while the models look at
+the current one, so a study waits for its model calls plus one preparation.
 
 Talks to the world only through ports (STYLE.md §2); ``imaging`` and
 ``modelio`` are pure computation. Every run is recorded: started before the
@@ -18,9 +21,11 @@ import io
 import json
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import structlog
@@ -60,6 +65,7 @@ from cxr_daemon.ports import (
 )
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 JSON = "application/json"
 REPORT_THRESHOLD = 0.5
 
@@ -87,6 +93,42 @@ class ImageResult:
     findings: list[FindingRecord] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One image ready for the models: the model input and how it was made."""
+
+    png: bytes
+    size: tuple[int, int]
+    rendering: str
+    view: str
+
+
+@dataclass(frozen=True)
+class _RunContext:
+    """What the steps of one run share.
+
+    The S3 layout, the journal, the objects' metadata, the temporary folder,
+    and the run's helper threads.
+
+    At most two helpers are busy at once: the next image's preparation and
+    this image's classification.
+    """
+
+    layout: StudyLayout
+    journal: RunJournal
+    meta: dict[str, str]
+    folder: Path
+    helpers: ThreadPoolExecutor
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Run ``fn(*args)`` on a helper, in a copy of this context.
+
+        The copied context keeps the study's log context (study_uid, run_id)
+        on the helper's log lines.
+        """
+        return self.helpers.submit(contextvars.copy_context().run, fn, *args)
+
+
 def outcome_of(error: BaseException) -> RunOutcome:
     """The run outcome an exception means: skipped for skip errors, else failed."""
     return RunOutcome.SKIPPED if isinstance(error, SkipStudyError) else RunOutcome.FAILED
@@ -96,13 +138,21 @@ class Pipeline:
     """Processes one study through the ports."""
 
     def __init__(
-        self, ports: Ports, rule: FilterRule, versions: RunVersions, max_side: int = 1024
+        self,
+        ports: Ports,
+        rule: FilterRule,
+        versions: RunVersions,
+        max_side: int = 1024,
+        render_slots: int = 1,
     ) -> None:
         self.ports = ports
         self.rule = rule
         self.versions = versions
         self.max_side = max_side
-        self.render_slot = threading.BoundedSemaphore(1)
+        # Full-size images decoded at once across all studies in flight. The
+        # decoders release the GIL, so one slot per core keeps every core busy;
+        # more would only add decoded images to peak memory.
+        self.render_slots = threading.BoundedSemaphore(render_slots)
 
     def process(self, queued: QueuedStudy, trigger: Trigger) -> RunSummary:
         """Process ``queued``; return the run's summary.
@@ -161,8 +211,12 @@ class Pipeline:
         digest: str,
     ) -> RunResults:
         meta = {"run-id": journal.run_id, "code-version": self.versions.code}
-        with tempfile.TemporaryDirectory(prefix="cxrd-") as tmp:
-            images = [self._image(i, layout, Path(tmp), journal, meta) for i in selected]
+        # The helpers stop (waiting for what they run) before the folder goes.
+        with (
+            tempfile.TemporaryDirectory(prefix="cxrd-") as tmp,
+            ThreadPoolExecutor(2, thread_name_prefix="study") as helpers,
+        ):
+            images = self._images(selected, _RunContext(layout, journal, meta, Path(tmp), helpers))
         findings = [f for image in images for f in image.findings]
         model = self._write_result(images, layout, journal, meta)
         report = self._report(images, findings, layout, journal, meta)
@@ -179,46 +233,53 @@ class Pipeline:
             models=models,
         )
 
-    # -- one image --------------------------------------------------------
+    # -- images ---------------------------------------------------------
 
-    def _image(
-        self,
-        inst: InstanceInfo,
-        layout: StudyLayout,
-        tmp: Path,
-        journal: RunJournal,
-        meta: dict[str, str],
-    ) -> ImageResult:
-        sop = inst.sop_uid
-        dicom_path = tmp / f"{sop}.dcm"
+    def _images(self, selected: list[InstanceInfo], run: _RunContext) -> list[ImageResult]:
+        """Each image through the models in turn.
+
+        The next image is downloaded, rendered and archived while the models
+        look at this one.
+        """
+        results: list[ImageResult] = []
+        upcoming = run.submit(self._prepare, selected[0], run)
+        for index, inst in enumerate(selected):
+            prepared = upcoming.result()
+            if index + 1 < len(selected):
+                upcoming = run.submit(self._prepare, selected[index + 1], run)
+            results.append(self._analyse(inst, prepared, run))
+        return results
+
+    def _prepare(self, inst: InstanceInfo, run: _RunContext) -> _Prepared:
+        """Download, render, encode and archive one image: all that precedes the models."""
+        sop, journal, layout = inst.sop_uid, run.journal, run.layout
+        dicom_path = run.folder / f"{sop}.dcm"
         with journal.step("download", sop):
             self.ports.orthanc.download_instance(inst.orthanc_id, dicom_path)
-        # One full-size image at a time across workers: the JPEG 2000 / JPEG
-        # Lossless decoders hold the GIL anyway, and a cap keeps peak memory at
-        # one decoded image however many studies are in flight.
-        with journal.step("render", sop), self.render_slot:
+        with journal.step("render", sop), self.render_slots:
             pixels, rendering, view = self._render(inst, dicom_path)
             jpg = imaging.encode_jpeg(pixels)
             png, size = imaging.model_input_png(pixels, self.max_side)
             del pixels  # the full-size image is not needed past this point
         with journal.step("archive", sop):
-            self.ports.objects.put(layout.jpg(sop), jpg, "image/jpeg", meta)
-            self.ports.objects.put(layout.dcm(sop), dicom_path, "application/dicom", meta)
+            self.ports.objects.put(layout.jpg(sop), jpg, "image/jpeg", run.meta)
+            self.ports.objects.put(layout.dcm(sop), dicom_path, "application/dicom", run.meta)
         dicom_path.unlink()
+        return _Prepared(png, size, rendering, view)
+
+    def _analyse(self, inst: InstanceInfo, prepared: _Prepared, run: _RunContext) -> ImageResult:
+        """Both models on one prepared image, and the mask archived."""
+        sop, png, size, layout = inst.sop_uid, prepared.png, prepared.size, run.layout
         # Both models take the same input: ask them at once, so a study waits
-        # for the slower of the two calls rather than their sum. The copied
-        # context keeps study_uid/run_id on the classification's log lines.
-        with ThreadPoolExecutor(1, thread_name_prefix="classify") as classifier:
-            classified = classifier.submit(
-                contextvars.copy_context().run, self._classify, png, size, sop, journal
-            )
-            with journal.step("segment", sop):
-                mask = self.ports.segmentation.invoke(png, "image/png", "image/png")
-                modelio.check_mask(mask, size)
-                self.ports.objects.put(layout.mask(sop), mask, "image/png", meta)
-            model, findings = classified.result()
+        # for the slower of the two calls rather than their sum.
+        classified = run.submit(self._classify, png, size, sop, run.journal)
+        with run.journal.step("segment", sop):
+            mask = self.ports.segmentation.invoke(png, "image/png", "image/png")
+            modelio.check_mask(mask, size)
+            self.ports.objects.put(layout.mask(sop), mask, "image/png", run.meta)
+        model, findings = classified.result()
         record = InstanceRecord(
-            sop, inst.series_uid, view, rendering, size[0], size[1],
+            sop, inst.series_uid, prepared.view, prepared.rendering, size[0], size[1],
             layout.jpg(sop), layout.dcm(sop), layout.mask(sop),
         )  # fmt: skip
         return ImageResult(record, model, findings)

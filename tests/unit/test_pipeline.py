@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,52 @@ def test_model_input_never_exceeds_max_side(
     assert isinstance(ports.segmentation, FakeModel)
     with Image.open(io.BytesIO(ports.segmentation.requests[0])) as png:
         assert max(png.size) == min(max_side, 96)
+
+
+def test_next_image_is_prepared_while_the_models_look_at_this_one(
+    orthanc: FakeOrthanc, poller: Poller, worker: Worker, ports: Ports, store: SqlStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The second image's download starts before the first image's segmentation answers."""
+    second_download = threading.Event()
+    download = orthanc.download_instance
+
+    def counting_download(orthanc_id: str, dest: Path) -> int:
+        if orthanc.calls.count("download") == 1:
+            second_download.set()
+        return download(orthanc_id, dest)
+
+    monkeypatch.setattr(orthanc, "download_instance", counting_download)
+    seen_during_first_call: list[bool] = []
+    segment = ports.segmentation.invoke
+
+    def segmentation(body: bytes, content_type: str, accept: str) -> bytes:
+        if not seen_during_first_call:
+            # Without prefetching this wait would time out: nothing else runs.
+            seen_during_first_call.append(second_download.wait(timeout=10))
+        return segment(body, content_type, accept)
+
+    monkeypatch.setattr(ports.segmentation, "invoke", segmentation)
+    study = make_study(7, images=2)
+    queue_and_run(orthanc, poller, worker, study)
+    assert seen_during_first_call == [True]
+    row = store.study_row(study.study_uid)
+    assert row is not None
+    assert row.state is StudyState.DONE
+
+
+def test_a_failing_second_image_fails_the_run_after_the_first_image_is_analysed(
+    orthanc: FakeOrthanc, poller: Poller, worker: Worker, ports: Ports, store: SqlStore,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Prefetching changes no outcome: the broken image's reason is the run's reason."""
+    study = make_study(8, images=2)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not dicom at all")
+    orthanc.files[study.instances[1].orthanc_id] = broken
+    queue_and_run(orthanc, poller, worker, study)
+    row = store.study_row(study.study_uid)
+    assert row is not None
+    assert row.state is StudyState.FAILED
+    assert "not a DICOM file" in (row.reason or "")
+    assert len(ports.segmentation.requests) == 1  # type: ignore[attr-defined]
