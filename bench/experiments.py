@@ -113,7 +113,10 @@ def daemon_run(
             bucket=bucket, models_url=sandbox.models.url, db_url=db_url, workers=workers,
         )  # fmt: skip
         migrate(config)
+        before = sandbox.cpu_seconds()
         outcome = run_once(config, config.with_suffix(".log"), wrapper)
+        after = sandbox.cpu_seconds()
+        outcome.services_cpu_s = {name: after[name] - before[name] for name in after}
         objects, _size = sandbox.buckets.count(bucket)
     finally:
         sandbox.buckets.drop(bucket)
@@ -163,6 +166,12 @@ def floor_vs_once(ctx: Context) -> tuple[dict[str, Any], list[Outcome]]:
         "peak_rss_mb_runs": [round(o.peak_rss_mb, 1) for o in onces],
     }
     return section, onces
+
+
+def _median_run(outcomes: list[Outcome]) -> Outcome:
+    """The run with the median studies/min."""
+    ranked = sorted(outcomes, key=per_min)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _median_steps(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -218,6 +227,13 @@ def _throughput_section(
         },
         "daemon_cores_busy": {
             f"{latency:g}ms": table(latency, lambda o: o.cores()) for latency in (latency_ms, 0.0)
+        },
+        # Where the machine's cores went (median run): the daemon and each sandbox service.
+        "cores_by_process": {
+            f"{latency:g}ms": {
+                str(w): _median_run(results[latency, w]).cores_by_process() for w in workers
+            }
+            for latency in (latency_ms, 0.0)
         },
         "peak_rss_mb_by_workers": {
             str(w): round(

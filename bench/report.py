@@ -123,6 +123,9 @@ def _throughput_rows(r: dict[str, Any]) -> list[str]:
             f"w{w} {v:.2f}" for w, v in c["daemon_cores_busy"]["0ms"].items()), ""),
         _row("    peak RSS: " + ", ".join(
             f"w{w} {v:.0f}" for w, v in c["peak_rss_mb_by_workers"].items()) + " MB", ""),
+        *(_row(f"    cores busy, w{w} {lat}: " + ", ".join(
+            f"{name} {v:.2f}" for name, v in c["cores_by_process"][lat][w].items()), "")
+          for lat in c.get("cores_by_process", {}) for w in (str(1), last)),
     ]  # fmt: skip
 
 

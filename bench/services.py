@@ -183,6 +183,39 @@ class Sandbox:
     models: ModelServer
     buckets: Buckets
     databases: Databases
+    pids: dict[str, int]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each service.
+
+        "models" is this process: the reference model server's threads, plus the
+        benchmark's own bookkeeping. "mariadb" is the machine's server when in use.
+        """
+        used = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        times = os.times()
+        used["models"] = times.user + times.system
+        return used
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process from /proc; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _mariadb_pid() -> int | None:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "comm").read_text(encoding="ascii").strip() in {"mariadbd", "mysqld"}:
+                    return int(proc.name)
+            except OSError:
+                continue
+    return None
 
 
 def start(stack: ExitStack, workdir: Path, db_kind: str) -> Sandbox:
@@ -212,7 +245,11 @@ def start(stack: ExitStack, workdir: Path, db_kind: str) -> Sandbox:
     stack.callback(buckets.close)
     databases = Databases(db_kind, workdir)
     stack.callback(databases.close)
-    return Sandbox(orthancs[0], orthancs[1], moto.url, models, buckets, databases)
+    pids = {"orthanc": orthancs[0].pid, "moto": moto.pid}
+    mariadb = _mariadb_pid() if db_kind == "mysql" else None
+    if mariadb:
+        pids["mariadb"] = mariadb
+    return Sandbox(orthancs[0], orthancs[1], moto.url, models, buckets, databases, pids)
 
 
 def store(orthanc: OrthancProcess, files: list[Path], study_uids: list[str]) -> dict[str, str]:

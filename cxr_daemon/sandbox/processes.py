@@ -91,6 +91,18 @@ class Supervised:
         """True while the server process is alive."""
         return any(proc.poll() is None for proc in self._live)
 
+    @property
+    def pid(self) -> int:
+        """The server's process ID.
+
+        Raises:
+            RuntimeError: it is not running.
+        """
+        live = [proc for proc in self._live if proc.poll() is None]
+        if not live:
+            raise RuntimeError(f"{type(self).__name__} is not running")
+        return live[-1].pid
+
     def start(self) -> None:
         """Start the server and wait until it serves (implemented by subclasses)."""
         raise NotImplementedError
