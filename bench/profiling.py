@@ -56,6 +56,14 @@ def profile(ctx: Context) -> dict[str, Any]:
         daemon_run(ctx, workers=1, latency_ms=0, wrapper=(
             spy, "record", "--idle", "--rate", "200", "--format", "speedscope",
             "--output", str(flame), "--"))  # fmt: skip
+        # With several studies in flight the question is what holds the GIL:
+        # --gil keeps only the samples of the thread holding it.
+        gil = OUT / "w8_gil.pyspy.txt"
+        daemon_run(ctx, workers=8, latency_ms=0, wrapper=(
+            spy, "record", "--gil", "--rate", "200", "--format", "raw",
+            "--output", str(gil), "--"))  # fmt: skip
+        ctx.say(f"profile: py-spy GIL holders at workers=8 in {gil}")
+        result["py_spy_gil_w8"] = summarise(gil)
     instrument = shutil.which("pyinstrument", path=str(Path(sys.executable).parent))
     if instrument:
         text = OUT / "once_w1.pyinstrument.txt"

@@ -102,12 +102,12 @@ def _floor_rows(r: dict[str, Any]) -> list[str]:
 
 def _throughput_rows(r: dict[str, Any]) -> list[str]:
     c, latency = r["throughput"], r["model_latency_ms"]
-    rows = []
+    rows = [_row(f"(c) throughput, {c.get('studies', r['studies'])} studies per run", "")]
     for workers, rate in r["throughput_per_min"].items():
         flight = c["in_flight_max"][f"{latency:g}ms"][workers]
         rows.append(_row(f"(c) {latency:g} ms/model call, workers={workers}",
                          f"{rate:.1f}/min", f"in flight {flight}"))  # fmt: skip
-    last = list(r["throughput_per_min"])[-1]
+    first, last = next(iter(r["throughput_per_min"])), list(r["throughput_per_min"])[-1]
     instant = c["cpu_bound_by_workers_per_min"]
     best = max(instant, key=instant.get)
     scaling = r["scaling_w8_vs_w1"]
@@ -125,7 +125,7 @@ def _throughput_rows(r: dict[str, Any]) -> list[str]:
             f"w{w} {v:.0f}" for w, v in c["peak_rss_mb_by_workers"].items()) + " MB", ""),
         *(_row(f"    cores busy, w{w} {lat}: " + ", ".join(
             f"{name} {v:.2f}" for name, v in c["cores_by_process"][lat][w].items()), "")
-          for lat in c.get("cores_by_process", {}) for w in (str(1), last)),
+          for lat in c.get("cores_by_process", {}) for w in dict.fromkeys((first, last))),
     ]  # fmt: skip
 
 

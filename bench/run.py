@@ -20,6 +20,7 @@ Quick look: ``make bench BENCH_ARGS=--quick`` (or ``CXRD_BENCH_QUICK=1``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -48,6 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         default=os.environ.get("CXRD_BENCH_QUICK") == "1")  # fmt: skip
     parser.add_argument("--studies", type=int, help="corpus for (a)-(c); default 16, quick 8")
     parser.add_argument("--reps", type=int, help="repetitions per measure; default 3, quick 1")
+    parser.add_argument(
+        "--throughput-studies",
+        type=int,
+        help="studies in (c): the corpus plus clones of its mix; default 3 x --studies, quick 1 x",
+    )
     parser.add_argument("--latency-ms", type=float, default=1000.0, help="per model call in (c)")
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts for (c)")
     parser.add_argument("--memory-studies", type=int, help="small studies in (d); default 200")
@@ -76,6 +82,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     quick = args.quick
     args.studies = args.studies or (8 if quick else 16)
     args.reps = args.reps or (1 if quick else 3)
+    # Eight workers need many more studies than eight to run in steady state:
+    # with 16, a third of the window is ramp-up and drain.
+    args.throughput_studies = args.throughput_studies or (1 if quick else 3) * args.studies
     args.memory_studies = args.memory_studies or (60 if quick else 200)
     args.latency_studies = args.latency_studies or (4 if quick else 10)
     args.e_latency_ms = args.latency_ms if args.e_latency_ms is None else args.e_latency_ms
@@ -89,6 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     kinds = args.mix.split(",") if args.mix else None
     if kinds and not set(kinds) <= set(corpus.KINDS):
         parser.error(f"--mix: unknown kinds {sorted(set(kinds) - set(corpus.KINDS))}")
+    args.cycle = kinds
     args.kinds = corpus.mix(args.studies, kinds)
     return args
 
@@ -160,9 +170,12 @@ def _measure(ctx: experiments.Context, args: argparse.Namespace) -> dict[str, An
     if "a" in args.sections:
         sections["ab"], w1_instant = experiments.floor_vs_once(ctx)
     if "c" in args.sections:
+        grown = _grow(ctx, args.throughput_studies, args.cycle)
         sections["throughput"] = experiments.throughput(
-            ctx, w1_instant, args.workers, args.latency_ms
+            grown, w1_instant if grown is ctx else [], args.workers, args.latency_ms
         )
+        sections["throughput"]["studies"] = len(grown.corpus)
+        ctx = grown  # Orthanc now holds them all: later --once runs drain every one
     if "d" in args.sections:
         sections["memory"] = live.memory(ctx, args.memory_studies)
     if "e" in args.sections:
@@ -172,6 +185,27 @@ def _measure(ctx: experiments.Context, args: argparse.Namespace) -> dict[str, An
     if args.profile:
         sections["profile"] = profiling.profile(ctx)
     return sections
+
+
+def _grow(ctx: experiments.Context, count: int, cycle: list[str] | None) -> experiments.Context:
+    """``ctx`` with its corpus grown to ``count`` studies (same mix, new UIDs) in Orthanc.
+
+    The new studies go to the same Orthanc: every later ``--once`` run drains all
+    of them, so they are added only after (a) and (b), which must see the corpus.
+    """
+    extra = count - len(ctx.corpus)
+    if extra <= 0:
+        return ctx
+    more = corpus.mix(count, cycle)[len(ctx.corpus) :]  # the same cycle, continued
+    studies = corpus.write_studies(ctx.workdir / "dicom-c", more, first_number=len(ctx.corpus) + 1)
+    uids = [s.study_uid for s in studies]
+    orthanc = ctx.sandbox.orthanc
+    ids = services.store(orthanc, [f for s in studies for f in s.files], uids)
+    instances = services.instance_ids(orthanc, [ids[uid] for uid in uids])
+    ctx.say(f"(c) {len(studies)} more studies stored: {count} in all")
+    return dataclasses.replace(
+        ctx, corpus=[*ctx.corpus, *studies], instances=[*ctx.instances, *instances]
+    )
 
 
 def _corpus(studies: list[corpus.Study]) -> dict[str, Any]:
