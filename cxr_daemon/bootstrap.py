@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from cxr_daemon.adapters.retry import RetryPolicy
 from cxr_daemon.adapters.s3 import S3ObjectStore
 from cxr_daemon.adapters.sagemaker import build_endpoints
 from cxr_daemon.config import Config
+from cxr_daemon.decoding import usable_cores
 from cxr_daemon.domain import FilterRule
 from cxr_daemon.pipeline import Pipeline
 from cxr_daemon.poller import Poller
@@ -103,7 +103,7 @@ def build(cfg: Config, stop: threading.Event | None = None) -> App:
         FilterRule(modalities=cfg.filter.modalities, body_parts=cfg.filter.body_parts),
         RunVersions(code=__version__, prompt_hash=reporter.prompt_hash),
         max_side=cfg.inference.max_side,
-        render_slots=min(cfg.pipeline.workers, os.cpu_count() or 1),
+        render_slots=min(cfg.pipeline.workers, usable_cores()),
     )
     poller = Poller(orthanc, store, cfg.orthanc.page_size, cfg.orthanc.start_from, metrics=metrics)
     retry = RetryRule(cfg.pipeline.max_attempts, cfg.pipeline.retry_backoff_s)
