@@ -154,8 +154,20 @@ level = "info"
     return path
 
 
-# What systemd/cxrd.service sets for the allocator: measured as shipped.
-UNIT_ENV = {"MALLOC_ARENA_MAX": "2"}
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "cxrd.service"
+
+
+def unit_allocator_env() -> dict[str, str]:
+    """The glibc allocator settings systemd/cxrd.service ships: measured as shipped."""
+    found = {}
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Environment=MALLOC_"):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            found[key] = value
+    return found
+
+
+UNIT_ENV = unit_allocator_env()
 
 
 def environment() -> dict[str, str]:

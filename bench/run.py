@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 import corpus
+import cxrd_runs
 import experiments
 import live
 import profiling
@@ -159,6 +160,7 @@ def _session(
         "repetitions": args.reps, "model_latency_ms": args.latency_ms,
         "workers": list(args.workers), "versions": report.versions(sandbox.orthanc),
         "load": {"start": load_start, "end": report.uptime()},
+        "daemon_allocator_env": cxrd_runs.UNIT_ENV,
     }  # fmt: skip
     return _results(meta, sections, time.monotonic() - began)
 
