@@ -269,3 +269,60 @@ def test_a_failing_second_image_fails_the_run_after_the_first_image_is_analysed(
     assert row.state is StudyState.FAILED
     assert "not a DICOM file" in (row.reason or "")
     assert len(ports.segmentation.requests) == 1  # type: ignore[attr-defined]
+
+
+def test_render_slots_bound_the_full_size_images_decoded_at_once(
+    orthanc: FakeOrthanc, poller: Poller, ports: Ports, store: SqlStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Four studies in flight, two slots: two renders do run at once, never three."""
+    from cxr_daemon import pipeline as pipeline_module  # noqa: PLC0415
+    from cxr_daemon.domain import FilterRule  # noqa: PLC0415
+    from cxr_daemon.pipeline import Pipeline  # noqa: PLC0415
+    from cxr_daemon.ports import RunVersions  # noqa: PLC0415
+    from cxr_daemon.worker import RetryRule  # noqa: PLC0415
+
+    render = pipeline_module.imaging.render_8bit
+    lock, active, peak = threading.Lock(), [0], [0]
+    first_two = threading.Barrier(2, timeout=10)
+    renders: list[int] = [0]
+    third_got_a_slot: list[bool] = []
+
+    def counting_render(ds: object) -> object:
+        with lock:
+            active[0] += 1
+            renders[0] += 1
+            peak[0] = max(peak[0], active[0])
+            meet = renders[0] <= 2
+        try:
+            # The first two renders wait for each other (passes only if both run
+            # at once); then, with both slots taken, a third may not get one.
+            if meet and first_two.wait() == 0:
+                taken = pipeline.render_slots.acquire(blocking=False)
+                if taken:
+                    pipeline.render_slots.release()
+                third_got_a_slot.append(taken)
+            return render(ds)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(pipeline_module.imaging, "render_8bit", counting_render)
+    pipeline = Pipeline(ports, FilterRule(), RunVersions(code="test"), max_side=64, render_slots=2)
+    worker = Worker(store, pipeline, RetryRule(max_attempts=3, backoff_s=(5, 30)))
+    studies = [make_study(20 + n, images=2) for n in range(4)]
+    for study in studies:
+        orthanc.add_study(study)
+    poller.prime()
+    while poller.step():
+        pass
+    threads = [threading.Thread(target=worker.step) for _ in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    states = {s.study_uid: store.study_row(s.study_uid).state for s in studies}  # type: ignore[union-attr]
+    assert set(states.values()) == {StudyState.DONE}, states
+    assert renders[0] == 8
+    assert third_got_a_slot == [False]
+    assert peak[0] == 2
