@@ -13,13 +13,15 @@ from pydicom import dcmread
 from pydicom.uid import JPEGBaseline8Bit
 from structlog.testing import capture_logs
 
+from cxr_daemon import pipeline as pipeline_module
 from cxr_daemon.adapters.db import SqlStore
-from cxr_daemon.domain import StudyLayout, StudyState
+from cxr_daemon.domain import FilterRule, StudyLayout, StudyState
 from cxr_daemon.errors import TransientError
+from cxr_daemon.pipeline import Pipeline
 from cxr_daemon.poller import Poller
-from cxr_daemon.ports import Ports
+from cxr_daemon.ports import Ports, RunVersions
 from cxr_daemon.sandbox.phantom import write_chest_phantom
-from cxr_daemon.worker import Worker
+from cxr_daemon.worker import RetryRule, Worker
 from tests.fakes import FakeModel, FakeObjectStore, FakeOrthanc, RecordingReporter, make_study
 
 PHI = {
@@ -276,12 +278,6 @@ def test_render_slots_bound_the_full_size_images_decoded_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """Four studies in flight, two slots: two renders do run at once, never three."""
-    from cxr_daemon import pipeline as pipeline_module  # noqa: PLC0415
-    from cxr_daemon.domain import FilterRule  # noqa: PLC0415
-    from cxr_daemon.pipeline import Pipeline  # noqa: PLC0415
-    from cxr_daemon.ports import RunVersions  # noqa: PLC0415
-    from cxr_daemon.worker import RetryRule  # noqa: PLC0415
-
     render = pipeline_module.imaging.render_8bit
     lock, active, peak = threading.Lock(), [0], [0]
     first_two = threading.Barrier(2, timeout=10)
