@@ -283,6 +283,7 @@ def test_render_slots_bound_the_full_size_images_decoded_at_once(
     first_two = threading.Barrier(2, timeout=10)
     renders: list[int] = [0]
     third_got_a_slot: list[bool] = []
+    tried = threading.Event()
 
     def counting_render(ds: object) -> object:
         with lock:
@@ -292,12 +293,16 @@ def test_render_slots_bound_the_full_size_images_decoded_at_once(
             meet = renders[0] <= 2
         try:
             # The first two renders wait for each other (passes only if both run
-            # at once); then, with both slots taken, a third may not get one.
+            # at once); then, while both still hold their slot, a third may not
+            # get one. The other one waits until that has been tried.
             if meet and first_two.wait() == 0:
                 taken = pipeline.render_slots.acquire(blocking=False)
                 if taken:
                     pipeline.render_slots.release()
                 third_got_a_slot.append(taken)
+                tried.set()
+            elif meet:
+                tried.wait(timeout=10)
             return render(ds)  # type: ignore[arg-type]
         finally:
             with lock:
