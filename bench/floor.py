@@ -25,7 +25,7 @@ import boto3
 import requests
 from botocore.config import Config as BotoConfig
 
-from cxr_daemon import imaging
+from cxr_daemon import encoding, imaging
 
 STEPS = ("get", "render", "encode", "put")
 
@@ -77,8 +77,8 @@ def process(
     ds = imaging.read_dicom(path)
     pixels = imaging.render_8bit(ds).pixels
     mark = _lap(seconds, "render", mark)
-    jpeg = imaging.encode_jpeg(pixels)
-    imaging.model_input_png(pixels, job["max_side"])
+    jpeg = encoding.encode_jpeg(pixels)
+    encoding.model_input_png(pixels, job["max_side"])
     mark = _lap(seconds, "encode", mark)
     root = f"{job['prefix']}/studies/{ds.StudyInstanceUID}/input"
     sop = ds.SOPInstanceUID

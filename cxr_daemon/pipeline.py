@@ -7,11 +7,12 @@ report -> run log. Images go to the models one after the other; the next
 image is prepared (downloaded, rendered, archived) while the models look at
 the current one, so a study waits for its model calls plus one preparation.
 
-Talks to the world only through ports (STYLE.md §2); ``imaging`` and
-``modelio`` are pure computation. Every run is recorded: started before the
-first step that writes, closed with its outcome and reason whatever happens,
-with its ``metadata/log_<UTC>.json`` written (best effort on failure). The
-exception, if any, goes on to the worker, which sets the queue state by kind.
+Talks to the world only through ports (STYLE.md §2); ``imaging``, ``encoding``
+and ``modelio`` are pure computation. Every run is recorded: started before
+the first step that writes, closed with its outcome and reason whatever
+happens, with its ``metadata/log_<UTC>.json`` written (best effort on
+failure). The exception, if any, goes on to the worker, which sets the queue
+state by kind.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from cxr_daemon import imaging, modelio
+from cxr_daemon import encoding, imaging, modelio
 from cxr_daemon.domain import (
     FilterRule,
     InstanceInfo,
@@ -258,8 +259,8 @@ class Pipeline:
             self.ports.orthanc.download_instance(inst.orthanc_id, dicom_path)
         with journal.step("render", sop), self.render_slots:
             pixels, rendering, view = self._render(inst, dicom_path)
-            jpg = imaging.encode_jpeg(pixels)
-            png, size = imaging.model_input_png(pixels, self.max_side)
+            jpg = encoding.encode_jpeg(pixels)
+            png, size = encoding.model_input_png(pixels, self.max_side)
             del pixels  # the full-size image is not needed past this point
         with journal.step("archive", sop):
             self.ports.objects.put(layout.jpg(sop), jpg, "image/jpeg", run.meta)
