@@ -18,10 +18,10 @@ from cxr_daemon.adapters.bedrock import (
     TemplateReporter,
     build_reporter,
 )
-from cxr_daemon.adapters.retry import RetryPolicy
 from cxr_daemon.config import ReportConfig
 from cxr_daemon.errors import ConfigError, PermanentError, TransientError
 from cxr_daemon.ports import FindingRecord, Reporter, ReportRecord, ReportRequest
+from tests.support.aws import fast_policy, isolate_from_aws
 from tests.support.converse import FakeConverse
 
 if TYPE_CHECKING:
@@ -51,23 +51,13 @@ ANSWER = {
 }
 
 
-def policy() -> RetryPolicy:
-    return RetryPolicy(attempts=3, initial_s=0.01, max_wait_s=0.02)
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Fake credentials, no profile, no instance metadata: nothing reaches AWS."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolate_from_aws(monkeypatch, tmp_path)
 
 
 def stubbed(cfg: ReportConfig = CFG) -> tuple[BedrockReporter, Stubber]:
-    reporter = BedrockReporter(cfg, policy())
+    reporter = BedrockReporter(cfg, fast_policy())
     _: Reporter = reporter  # mypy checks the protocol
     return reporter, Stubber(reporter._client)
 
@@ -184,7 +174,7 @@ def test_prompt_hash_is_the_versioned_sha256_of_the_template_file() -> None:
     """prompt_hash is "report_v1:" + the first 16 hex digits of the file's sha256."""
     raw = resources.files("cxr_daemon").joinpath("prompts", "report_v1.txt").read_bytes()
     digest = hashlib.sha256(raw).hexdigest()[:16]
-    assert BedrockReporter(CFG, policy()).prompt_hash == f"report_v1:{digest}"
+    assert BedrockReporter(CFG, fast_policy()).prompt_hash == f"report_v1:{digest}"
 
 
 def test_template_comments_are_not_sent() -> None:
@@ -216,7 +206,7 @@ def test_request_on_the_wire_has_findings_and_no_phi(
 ) -> None:
     """The exact HTTP body has only Converse fields, the findings, and no UID or patient field."""
     url, handler = fake_bedrock.url, fake_bedrock
-    reporter = BedrockReporter(ReportConfig(model_id=MODEL, endpoint_url=url), policy())
+    reporter = BedrockReporter(ReportConfig(model_id=MODEL, endpoint_url=url), fast_policy())
     assert reporter.draft(REQUEST).text.startswith("FINDINGS:")
     (raw,) = handler.bodies
     body = json.loads(raw)
@@ -245,7 +235,7 @@ def test_unavailable_bedrock_makes_exactly_the_policy_attempts(
     """A Bedrock that always answers 503 sees exactly 3 requests."""
     url, handler = fake_bedrock.url, fake_bedrock
     handler.status = 503
-    reporter = BedrockReporter(ReportConfig(model_id=MODEL, endpoint_url=url), policy())
+    reporter = BedrockReporter(ReportConfig(model_id=MODEL, endpoint_url=url), fast_policy())
     with pytest.raises(TransientError, match="ServiceUnavailableException"):
         reporter.draft(REQUEST)
     assert len(handler.bodies) == 3
@@ -296,7 +286,7 @@ def test_no_reporter_drafts_nothing() -> None:
 )
 def test_build_reporter_follows_the_backend(backend: str, kind: type) -> None:
     """build_reporter returns the reporter report.backend names."""
-    assert isinstance(build_reporter(ReportConfig(backend=backend), policy()), kind)
+    assert isinstance(build_reporter(ReportConfig(backend=backend), fast_policy()), kind)
 
 
 def test_guardrail_intervention_fails_instead_of_storing_the_canned_text() -> None:
@@ -305,4 +295,4 @@ def test_guardrail_intervention_fails_instead_of_storing_the_canned_text() -> No
     with FakeConverse(blocked) as fake:
         cfg = ReportConfig(backend="bedrock", model_id=MODEL, endpoint_url=fake.url)
         with pytest.raises(PermanentError, match="guardrail blocked"):
-            BedrockReporter(cfg, policy()).draft(REQUEST)
+            BedrockReporter(cfg, fast_policy()).draft(REQUEST)

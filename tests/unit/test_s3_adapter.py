@@ -20,11 +20,11 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from cxr_daemon.adapters.aws import map_aws_error
-from cxr_daemon.adapters.retry import RetryPolicy
 from cxr_daemon.adapters.s3 import S3_ERRORS, S3ObjectStore, make_s3_client
 from cxr_daemon.config import S3Config
 from cxr_daemon.errors import ConfigError, PermanentError, TransientError
 from cxr_daemon.ports import ObjectStore
+from tests.support.aws import REGION, fast_policy, isolate_from_aws
 from tests.support.httpserver import local_http_server
 
 if TYPE_CHECKING:
@@ -34,33 +34,20 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 BUCKET = "cxrd-test"
-REGION = "us-east-1"
 SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
 
 
-def policy() -> RetryPolicy:
-    return RetryPolicy(attempts=3, initial_s=0.01, max_wait_s=0.02)
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Fake credentials, no profile, no instance metadata: nothing reaches AWS."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    isolate_from_aws(monkeypatch, tmp_path)
 
 
 def make_store(**overrides: str) -> S3ObjectStore:
     cfg = S3Config(**{"bucket": BUCKET, "prefix": "prod", "region": REGION, **overrides})
-    return S3ObjectStore(cfg, policy())
+    return S3ObjectStore(cfg, fast_policy())
 
 
 def new_bucket(*, versioned: bool = False) -> S3Client:
@@ -336,4 +323,4 @@ def test_slowdown_makes_exactly_the_policy_attempts(
     url, handler = slowdown_server
     with pytest.raises(TransientError, match=r"SlowDown \(HTTP 503\)"):
         make_store(endpoint_url=url).put("k", b"x", "text/plain", {})
-    assert handler.hits == policy().attempts == 3
+    assert handler.hits == fast_policy().attempts == 3

@@ -17,7 +17,6 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 from cxr_daemon.adapters.aws import client_config
-from cxr_daemon.adapters.retry import RetryPolicy
 from cxr_daemon.adapters.sagemaker import (
     MAX_REQUEST_BYTES,
     HttpEndpoint,
@@ -28,31 +27,21 @@ from cxr_daemon.adapters.sagemaker import (
 from cxr_daemon.config import InferenceConfig
 from cxr_daemon.errors import ConfigError, PermanentError, TransientError
 from cxr_daemon.ports import ModelEndpoint
+from tests.support.aws import REGION, fast_policy, isolate_from_aws
 from tests.support.httpserver import local_http_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-REGION = "us-east-1"
 CFG = InferenceConfig(region=REGION, timeout_s=5)
 BASE = "http://models.test:8080/segmentation"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
 
-def policy() -> RetryPolicy:
-    return RetryPolicy(attempts=3, initial_s=0.01, max_wait_s=0.02)
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Fake credentials, no profile, no instance metadata: nothing reaches AWS."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolate_from_aws(monkeypatch, tmp_path)
 
 
 # -- SageMaker backend -------------------------------------------------------------
@@ -60,7 +49,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def sagemaker() -> Iterator[tuple[SageMakerEndpoint, Stubber, Stubber]]:
-    endpoint = SageMakerEndpoint("cxr-seg", CFG, policy())
+    endpoint = SageMakerEndpoint("cxr-seg", CFG, fast_policy())
     with Stubber(endpoint._runtime) as runtime, Stubber(endpoint._control) as control:
         yield endpoint, runtime, control
 
@@ -220,7 +209,7 @@ def test_runtime_client_makes_one_http_attempt_per_call() -> None:
 
 @pytest.fixture
 def http() -> HttpEndpoint:
-    return HttpEndpoint(BASE + "/", CFG, policy(), requests.Session())
+    return HttpEndpoint(BASE + "/", CFG, fast_policy(), requests.Session())
 
 
 @responses.activate
@@ -321,7 +310,7 @@ def test_http_oversize_body_is_never_sent(http: HttpEndpoint) -> None:
 def test_http_bad_url_is_config() -> None:
     """A base URL without a scheme stops cxrd (ConfigError)."""
     with pytest.raises(ConfigError):
-        HttpEndpoint("models:8080", CFG, policy()).ping()
+        HttpEndpoint("models:8080", CFG, fast_policy()).ping()
 
 
 # -- real local servers ------------------------------------------------------------
@@ -365,7 +354,7 @@ def test_http_503_makes_exactly_the_policy_attempts(server: tuple[str, type[_Ser
     """A container that always answers 503 sees exactly 3 requests."""
     url, handler = server
     with pytest.raises(TransientError, match="HTTP 503"):
-        HttpEndpoint(url, CFG, policy()).invoke(PNG, "image/png", "image/png")
+        HttpEndpoint(url, CFG, fast_policy()).invoke(PNG, "image/png", "image/png")
     assert handler.hits == 3
 
 
@@ -374,7 +363,7 @@ def test_http_read_timeout_is_transient(server: tuple[str, type[_Server]]) -> No
     url, handler = server
     handler.status, handler.delay_s = 200, 0.3
     with pytest.raises(TransientError, match="ReadTimeout"):
-        HttpEndpoint(url, InferenceConfig(timeout_s=0.1), policy()).invoke(
+        HttpEndpoint(url, InferenceConfig(timeout_s=0.1), fast_policy()).invoke(
             PNG, "image/png", "image/png"
         )
     assert handler.hits == 3
@@ -394,7 +383,7 @@ def test_sagemaker_throttling_makes_exactly_the_policy_attempts(
     client = boto3.session.Session(region_name=REGION).client(
         "sagemaker-runtime", endpoint_url=url, config=client_config(5.0)
     )
-    endpoint = SageMakerEndpoint("cxr-seg", CFG, policy(), client=client)
+    endpoint = SageMakerEndpoint("cxr-seg", CFG, fast_policy(), client=client)
     with pytest.raises(TransientError, match=r"ThrottlingException.*Rate exceeded"):
         endpoint.invoke(PNG, "image/png", "image/png")
     assert handler.hits == 3
@@ -410,8 +399,8 @@ def test_build_endpoints_http() -> None:
         segmentation_endpoint="http://127.0.0.1:8080/segmentation",
         classification_endpoint="http://127.0.0.1:8080/classification",
     )
-    seg, cls = build_endpoints(cfg, policy())
-    direct: ModelEndpoint = HttpEndpoint("http://x", cfg, policy())  # mypy checks the protocol
+    seg, cls = build_endpoints(cfg, fast_policy())
+    direct: ModelEndpoint = HttpEndpoint("http://x", cfg, fast_policy())  # mypy checks the protocol
     assert direct.name == "http://x"
     assert isinstance(seg, HttpEndpoint)
     assert isinstance(cls, HttpEndpoint)
@@ -420,8 +409,8 @@ def test_build_endpoints_http() -> None:
 
 def test_build_endpoints_sagemaker() -> None:
     """backend "sagemaker" gives two SageMakerEndpoints named after the endpoints."""
-    seg, cls = build_endpoints(CFG, policy())
-    direct: ModelEndpoint = SageMakerEndpoint("x", CFG, policy())  # mypy checks the protocol
+    seg, cls = build_endpoints(CFG, fast_policy())
+    direct: ModelEndpoint = SageMakerEndpoint("x", CFG, fast_policy())  # mypy checks the protocol
     assert direct.name == "x"
     assert isinstance(seg, SageMakerEndpoint)
     assert isinstance(cls, SageMakerEndpoint)
