@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import pymysql
@@ -17,11 +17,11 @@ import pytest
 
 from cxr_daemon.sandbox.orthanc import OrthancProcess
 from tests.support import unavailable
-from tests.support.daemon import AWS_TEST_ENV
+from tests.support.daemon import AWS_TEST_ENV, cxrd, write_config
 from tests.support.mariadb import MariaDBServer
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 
@@ -151,15 +151,27 @@ def model() -> Iterator[object]:
 
 
 @pytest.fixture
-def sandbox_config(
+def make_config(
     orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model_server: str,
     tmp_path: Path,
-) -> Path:  # fmt: skip
-    """A migrated cxrd config on the real sandbox: Orthanc, MariaDB, local S3, model server."""
-    from tests.support.daemon import cxrd, write_config  # noqa: PLC0415
+) -> Callable[..., Path]:  # fmt: skip
+    """Write a cxrd config on the real sandbox (Orthanc, MariaDB, local S3, model server)
+    and migrate its database; keyword arguments override ``write_config``'s, and
+    ``migrate=False`` leaves the database as it is."""
 
-    path = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=s3_server,
-                        bucket=bucket, model_url=model_server)  # fmt: skip
-    migrated = cxrd("db", "migrate", config=path)
-    assert migrated.returncode == 0, migrated.stderr
-    return path
+    def make(*, database_url: str = "", migrate: bool = True, **overrides: Any) -> Path:
+        services = {"s3_endpoint": s3_server, "bucket": bucket, "model_url": model_server}
+        path = write_config(tmp_path / "cxrd.toml", orthanc, database_url or mysql_url,
+                            **{**services, **overrides})  # fmt: skip
+        if migrate:
+            migrated = cxrd("db", "migrate", config=path)
+            assert migrated.returncode == 0, migrated.stderr
+        return path
+
+    return make
+
+
+@pytest.fixture
+def sandbox_config(make_config: Callable[..., Path]) -> Path:
+    """A migrated cxrd config on the real sandbox: Orthanc, MariaDB, local S3, model server."""
+    return make_config()

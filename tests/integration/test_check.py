@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -11,7 +12,7 @@ import pytest
 
 from cxr_daemon.sandbox.orthanc import OrthancProcess
 from cxr_daemon.sandbox.processes import free_loopback_ports
-from tests.support.daemon import cxrd, write_config
+from tests.support.daemon import cxrd
 from tests.support.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -76,24 +77,12 @@ def test_orthanc_wrong_password_fails_naming_the_credentials(sandbox_config: Pat
 
 def test_mariadb_stopped_fails_only_the_database(
     private_mariadb: MariaDBServer,
-    orthanc: OrthancProcess,
-    s3_server: str,
-    bucket: str,
-    model_server: str,
-    tmp_path: Path,
+    make_config: Callable[..., Path],
 ) -> None:
     """With the database server stopped its line fails as unavailable, exit 1."""
     with private_mariadb.connect() as conn, conn.cursor() as cursor:
         cursor.execute("CREATE DATABASE cxrd")
-    config = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        private_mariadb.url + "cxrd",
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model_server,
-    )
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config(database_url=private_mariadb.url + "cxrd")
     private_mariadb.stop()
     done, lines = check(config)
     assert done.returncode == 1
@@ -102,22 +91,10 @@ def test_mariadb_stopped_fails_only_the_database(
 
 
 def test_old_schema_fails_the_database_with_the_fix(
-    orthanc: OrthancProcess,
-    mysql_url: str,
-    s3_server: str,
-    bucket: str,
-    model_server: str,
-    tmp_path: Path,
+    make_config: Callable[..., Path],
 ) -> None:
     """A database never migrated fails its check saying to run `cxrd db migrate`."""
-    config = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        mysql_url,
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model_server,
-    )
+    config = make_config(migrate=False)
     done, lines = check(config)
     assert done.returncode == 1
     assert failed(lines) == ["database"]

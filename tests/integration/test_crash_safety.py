@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -16,7 +17,7 @@ from cxr_daemon.modelserver import ModelServer
 from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom
-from tests.support.daemon import DaemonProcess, cxrd, write_config
+from tests.support.daemon import DaemonProcess, cxrd
 
 pytestmark = pytest.mark.integration
 STUDIES = 10
@@ -24,7 +25,12 @@ KILLS = 24
 
 
 def test_random_sigkills_leave_every_study_done_exactly_once(
-    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, tmp_path: Path
+    orthanc: OrthancProcess,
+    mysql_url: str,
+    s3_server: str,
+    bucket: str,
+    tmp_path: Path,
+    make_config: Callable[..., Path],
 ) -> None:
     """24 SIGKILLs at random points of the daemon's log stream over 10 studies, a restart
     after each: one done run per study, no duplicate rows, every S3 object present."""
@@ -36,10 +42,8 @@ def test_random_sigkills_leave_every_study_done_exactly_once(
     wait_until_stable(orthanc.url, orthanc.auth, uids, timeout_s=60)
     # Model time stretches each study so that kills land inside the pipeline too.
     with ModelServer(latency_ms=60) as model:
-        config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=s3_server,
-                              bucket=bucket, model_url=model.url, poll_interval_s=0.1)  # fmt: skip
+        config = make_config(model_url=model.url, poll_interval_s=0.1)
         config.write_text(config.read_text().replace('level = "info"', 'level = "debug"'))
-        assert cxrd("db", "migrate", config=config).returncode == 0
         kills = 0
         while kills < KILLS:
             daemon = DaemonProcess(config)

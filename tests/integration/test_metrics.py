@@ -14,7 +14,7 @@ from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom
 from cxr_daemon.sandbox.processes import free_loopback_ports
-from tests.support.daemon import DaemonProcess, cxrd, write_config
+from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.integration
 
@@ -50,25 +50,13 @@ def scrape_until(url: str, ready: Callable[[Samples], bool], timeout_s: float = 
 
 def test_metrics_move_as_the_daemon_works(
     orthanc: OrthancProcess,
-    mysql_url: str,
-    s3_server: str,
-    bucket: str,
-    model_server: str,
     tmp_path: Path,
+    make_config: Callable[..., Path],
 ) -> None:
     """Polls stamp the last-poll time; a C-STOREd CXR moves the finished counter, step
     histograms and queue gauges; with Orthanc down the scrape still answers, marking it down."""
     (port,) = free_loopback_ports(1)
-    config = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        mysql_url,
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model_server,
-        extra=f'\n[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n',
-    )
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config(extra=f'\n[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n')
     url = f"http://127.0.0.1:{port}/metrics"
     poll = "cxrd_last_successful_poll_timestamp_seconds"
     finished = "cxrd_studies_finished_total"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import requests
 
 from cxr_daemon.adapters.db import SqlStore
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
-from tests.support.daemon import cxrd, write_config
+from tests.support.daemon import cxrd
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +55,11 @@ def upload(orthanc: OrthancProcess, path: Path) -> str | None:
 
 
 def test_every_accepted_odd_file_ends_with_a_specific_reason_and_good_work_goes_on(
-    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model_server: str,
-    shared_data: object, tmp_path: Path,
-) -> None:  # fmt: skip
+    orthanc: OrthancProcess,
+    mysql_url: str,
+    shared_data: object,
+    make_config: Callable[..., Path],
+) -> None:
     """Each odd file: refused by Orthanc, or its study skipped/failed with a reason (never a
     traceback); a good CXR sent afterwards is done."""
     uids: dict[str, str] = {}
@@ -68,9 +71,7 @@ def test_every_accepted_odd_file_ends_with_a_specific_reason_and_good_work_goes_
     good = upload(orthanc, shared_data("cxr/nih_cxr_nccid_sample.dcm"))  # type: ignore[operator]
     assert good is not None
     wait_until_stable(orthanc.url, orthanc.auth, [*uids.values(), good], timeout_s=60)
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=s3_server,
-                          bucket=bucket, model_url=model_server)  # fmt: skip
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config()
     run = cxrd("run", "--once", config=config)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
@@ -121,9 +122,13 @@ def disguise(source: Path, dest: Path) -> Path:
 
 
 def test_malformed_files_posing_as_chest_dx_fail_with_a_reason_and_never_reach_a_model(
-    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model: object,
-    shared_data: object, tmp_path: Path,
-) -> None:  # fmt: skip
+    orthanc: OrthancProcess,
+    mysql_url: str,
+    model: object,
+    shared_data: object,
+    tmp_path: Path,
+    make_config: Callable[..., Path],
+) -> None:
     """Lying headers, missing pixels and multi-frame objects labelled chest DX fail with a
     specific reason before any model call; what Orthanc can render is done."""
     uids = {}
@@ -133,15 +138,7 @@ def test_malformed_files_posing_as_chest_dx_fail_with_a_reason_and_never_reach_a
         assert uid is not None, name
         uids[name] = uid
     wait_until_stable(orthanc.url, orthanc.auth, list(uids.values()), timeout_s=60)
-    config = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        mysql_url,
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model.url,
-    )  # type: ignore[attr-defined]
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config(model_url=model.url)  # type: ignore[attr-defined]
     run = cxrd("run", "--once", config=config)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr

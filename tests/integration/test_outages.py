@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from cxr_daemon.domain import StudyState
 from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom
-from tests.support.daemon import DaemonProcess, cxrd, held_daemon, write_config
+from tests.support.daemon import DaemonProcess, cxrd, held_daemon
 from tests.support.faultproxy import FaultProxy
 from tests.support.wait import wait_until
 
@@ -63,13 +64,12 @@ def orthanc_last(orthanc: OrthancProcess) -> int:
 
 @pytest.fixture
 def setup(
-    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model: Any,
-    tmp_path: Path,
-) -> dict[str, Any]:  # fmt: skip
+    s3_server: str,
+    model: Any,
+    make_config: Callable[..., Path],
+) -> dict[str, Any]:
     proxy = FaultProxy(s3_server).__enter__()
-    config = write_config(tmp_path / "cxrd.toml", orthanc, mysql_url, s3_endpoint=proxy.url,
-                          bucket=bucket, model_url=model.url)  # fmt: skip
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config(s3_endpoint=proxy.url, model_url=model.url)
     yield {"config": config, "proxy": proxy, "model": model}  # type: ignore[misc]
     proxy.__exit__()
 
@@ -158,17 +158,17 @@ def test_model_error_424_fails_at_once_and_reprocess_succeeds_after(
 
 
 def test_mariadb_down_while_a_study_runs(
-    orthanc: OrthancProcess, private_mariadb: Any, s3_server: str, bucket: str,
-    model_server: str, tmp_path: Path,
-) -> None:  # fmt: skip
+    orthanc: OrthancProcess,
+    private_mariadb: Any,
+    tmp_path: Path,
+    make_config: Callable[..., Path],
+) -> None:
     """MariaDB stopped while a study is in the pipeline: the daemon keeps running, and once
     the database is back the study ends done with exactly one done run."""
     with private_mariadb.connect() as conn, conn.cursor() as cur:
         cur.execute("CREATE DATABASE cxrd")
     url = private_mariadb.url.rstrip("/") + "/cxrd"
-    config = write_config(tmp_path / "cxrd.toml", orthanc, url, s3_endpoint=s3_server,
-                          bucket=bucket, model_url=model_server)  # fmt: skip
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config(database_url=url)
     uid = send_cxr(orthanc, tmp_path, "db")
     daemon, block = held_daemon(config, tmp_path)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -54,9 +55,13 @@ def rows(store: SqlStore, sql: str) -> list[tuple[object, ...]]:
 
 
 def test_every_shared_cxr_is_processed_into_the_layout_and_reprocess_adds_a_run(
-    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model_server: str,
-    shared_data: object, tmp_path: Path,
-) -> None:  # fmt: skip
+    orthanc: OrthancProcess,
+    mysql_url: str,
+    s3_server: str,
+    bucket: str,
+    shared_data: object,
+    make_config: Callable[..., Path],
+) -> None:
     """Each real CXR C-STOREd ends done with every S3 key, right types, mask = model input
     size, DB rows matching S3; `cxrd reprocess` adds a second run and keeps one study row."""
     files = [shared_data(name) for name in SHARED_CXRS]  # type: ignore[operator]
@@ -64,15 +69,7 @@ def test_every_shared_cxr_is_processed_into_the_layout_and_reprocess_adds_a_run(
     uids = study_uids_in_orthanc(orthanc)
     assert len(uids) == len(files)
     wait_until_stable(orthanc.url, orthanc.auth, uids, timeout_s=60)
-    config = write_config(
-        tmp_path / "cxrd.toml",
-        orthanc,
-        mysql_url,
-        s3_endpoint=s3_server,
-        bucket=bucket,
-        model_url=model_server,
-    )
-    assert cxrd("db", "migrate", config=config).returncode == 0
+    config = make_config()
     run = cxrd("run", "--once", config=config)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -144,9 +141,11 @@ def test_reprocess_of_unknown_or_invalid_study_fails_with_a_reason(
 
 
 def test_no_phi_in_logs_or_bedrock_request(
-    orthanc: OrthancProcess, mysql_url: str, s3_server: str, bucket: str, model_server: str,
+    orthanc: OrthancProcess,
+    mysql_url: str,
     tmp_path: Path,
-) -> None:  # fmt: skip
+    make_config: Callable[..., Path],
+) -> None:
     """Planted PatientName/ID/BirthDate/AccessionNumber appear in no log line and no
     byte sent to Bedrock (Converse through a local fake), though the study is processed."""
     phi = {"patient_name": "Qwertyuiop^Zanzibar", "patient_id": "PHI-PID-90210",
@@ -158,15 +157,8 @@ def test_no_phi_in_logs_or_bedrock_request(
     with FakeConverse() as bedrock:
         extra = (f'[report]\nbackend = "bedrock"\nendpoint_url = "{bedrock.url}"\n'
                  'region = "us-east-1"\n')  # fmt: skip
-        config = write_config(
-            tmp_path / "cxrd.toml",
-            orthanc,
-            mysql_url,
-            s3_endpoint=s3_server,
-            bucket=bucket,
-            model_url=model_server,
-            extra=extra,
-        )
+        # Migrated below: the config is valid only once its second [report] is gone.
+        config = make_config(extra=extra, migrate=False)
         # Debug level: library loggers (botocore, urllib3) talk the most there.
         config.write_text(
             config.read_text()

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from cxr_daemon.modelserver import ModelServer
 from cxr_daemon.sandbox.dicomsend import send_files
 from cxr_daemon.sandbox.orthanc import OrthancProcess, wait_until_stable
 from cxr_daemon.sandbox.phantom import new_uid, write_chest_phantom
-from tests.support.daemon import DaemonProcess, cxrd, write_config
+from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.integration
 
@@ -81,23 +81,13 @@ def systemd() -> Iterator[SystemdStandIn]:
 def test_ready_watchdog_through_a_study_then_stopping(
     systemd: SystemdStandIn,
     orthanc: OrthancProcess,
-    mysql_url: str,
-    s3_server: str,
-    bucket: str,
     tmp_path: Path,
+    make_config: Callable[..., Path],
 ) -> None:
     """READY=1 after start-up, WATCHDOG=1 never further apart than a 2 s watchdog allows,
     even while a study's two model calls take 2.4 s, then STOPPING=1 on SIGTERM and exit 0."""
     with ModelServer(latency_ms=MODEL_LATENCY_S * 1000) as model:
-        config = write_config(
-            tmp_path / "cxrd.toml",
-            orthanc,
-            mysql_url,
-            s3_endpoint=s3_server,
-            bucket=bucket,
-            model_url=model.url,
-        )
-        assert cxrd("db", "migrate", config=config).returncode == 0
+        config = make_config(model_url=model.url)
         env = {"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6))}
         daemon = DaemonProcess(config, env=env)
         try:
