@@ -21,6 +21,7 @@ header in front of a 60000x60000 codestream would otherwise cost gigabytes.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import TYPE_CHECKING, Final
@@ -62,41 +63,22 @@ def usable_cores() -> int:
 J2K_THREADS: Final = min(4, usable_cores())
 
 
-def _jpeg2k(data: bytes) -> npt.NDArray[np.integer]:
-    return imagecodecs.jpeg2k_decode(data, numthreads=J2K_THREADS)
-
-
-def _htj2k(data: bytes) -> npt.NDArray[np.integer]:
-    return imagecodecs.htj2k_decode(data)
-
-
-def _jpeg8(data: bytes) -> npt.NDArray[np.integer]:
-    return imagecodecs.jpeg8_decode(data)
-
-
-def _ljpeg(data: bytes) -> npt.NDArray[np.integer]:
-    return imagecodecs.ljpeg_decode(data)
-
-
-def _jpegls(data: bytes) -> npt.NDArray[np.integer]:
-    return imagecodecs.jpegls_decode(data)
-
-
 _J2K_FAMILY: Final = frozenset(
     {JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K}
 )
+_jpeg2k = functools.partial(imagecodecs.jpeg2k_decode, numthreads=J2K_THREADS)
 _DECODERS: Final[dict[UID, Callable[[bytes], npt.NDArray[np.integer]]]] = {
     JPEG2000Lossless: _jpeg2k,
     JPEG2000: _jpeg2k,
-    HTJ2KLossless: _htj2k,
-    HTJ2KLosslessRPCL: _htj2k,
-    HTJ2K: _htj2k,
-    JPEGBaseline8Bit: _jpeg8,
-    JPEGExtended12Bit: _jpeg8,
-    JPEGLossless: _ljpeg,
-    JPEGLosslessSV1: _ljpeg,
-    JPEGLSLossless: _jpegls,
-    JPEGLSNearLossless: _jpegls,
+    HTJ2KLossless: imagecodecs.htj2k_decode,
+    HTJ2KLosslessRPCL: imagecodecs.htj2k_decode,
+    HTJ2K: imagecodecs.htj2k_decode,
+    JPEGBaseline8Bit: imagecodecs.jpeg8_decode,
+    JPEGExtended12Bit: imagecodecs.jpeg8_decode,
+    JPEGLossless: imagecodecs.ljpeg_decode,
+    JPEGLosslessSV1: imagecodecs.ljpeg_decode,
+    JPEGLSLossless: imagecodecs.jpegls_decode,
+    JPEGLSNearLossless: imagecodecs.jpegls_decode,
 }
 _SOF_MARKERS: Final = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}

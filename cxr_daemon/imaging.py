@@ -208,26 +208,36 @@ def _decode(ds: Dataset) -> npt.NDArray[np.integer]:
         InvalidDicomError: no decoder could decode it, or it is not the declared shape.
     """
     syntax = _transfer_syntax(ds)
-    frame = None
-    if decoding.handles(syntax):
+    frame = _decode_fast(ds, syntax)
+    if frame is None:
         try:
-            frame = decoding.decode_frame(ds, syntax)
-        except RuntimeError as exc:  # the codec's own errors; pydicom may still manage
-            log.info("decode_fallback_pydicom", transfer_syntax=syntax.name, reason=_brief(exc))
-    try:
-        # pydicom.pixels.pixel_array does what ds.pixel_array does, without caching
-        # a second copy of the frame on the data set for as long as it lives.
-        if frame is None:
+            # pydicom.pixels.pixel_array does what ds.pixel_array does, without caching
+            # a second copy of the frame on the data set for as long as it lives.
             frame = pixel_array(ds, index=0)
-    except _PYDICOM_ERRORS as exc:
-        # The header passed every check: no local decoder handles this stream,
-        # so Orthanc's own renderer is worth a try (the pipeline's fallback).
-        raise UndecodablePixelDataError(
-            f"cannot decode {syntax.name} ({syntax}) pixel data: {_brief(exc)}"
-        ) from exc
+        except _PYDICOM_ERRORS as exc:
+            # The header passed every check: no local decoder handles this stream,
+            # so Orthanc's own renderer is worth a try (the pipeline's fallback).
+            raise UndecodablePixelDataError(
+                f"cannot decode {syntax.name} ({syntax}) pixel data: {_brief(exc)}"
+            ) from exc
     if frame.shape != (ds.Rows, ds.Columns) or frame.dtype.kind not in "iu":
         raise InvalidDicomError(f"{syntax.name} decoded to {frame.dtype} {frame.shape}")
     return frame.astype(frame.dtype.newbyteorder("="), copy=False)
+
+
+def _decode_fast(ds: Dataset, syntax: UID) -> npt.NDArray[np.integer] | None:
+    """The frame decoded by imagecodecs, or None.
+
+    None for a syntax it does not handle or a stream its codec rejects: pydicom
+    gets those.
+    """
+    if not decoding.handles(syntax):
+        return None
+    try:
+        return decoding.decode_frame(ds, syntax)
+    except RuntimeError as exc:  # the codec's own errors
+        log.info("decode_fallback_pydicom", transfer_syntax=syntax.name, reason=_brief(exc))
+        return None
 
 
 def _modality_values(ds: Dataset, stored: npt.NDArray[np.integer]) -> Floats:
